@@ -1,0 +1,1 @@
+"""Generated from proto/sluice/v1 by scripts/gen_protos.sh; do not edit."""
