@@ -1,0 +1,175 @@
+"""Per-recipient rendering of message templates.
+
+Templates are Jinja2 run in a sandbox (template authors are not trusted with Python), with
+``StrictUndefined`` (a missing variable is an error, never a silent blank). Only the HTML
+body is autoescaped: the subject and text body are not HTML, and escaping them would show
+``&amp;`` to readers. A subject that renders to something with a line break is refused,
+since a header value with CR/LF could inject headers.
+
+Compiled templates are cached by (id, version) in a bounded LRU: a batch renders one
+template for many recipients, and compiling costs far more than rendering.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import jinja2
+from jinja2.exceptions import SecurityError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+# Errors a template can raise while rendering; all are the template's fault (permanent),
+# whether Jinja's own (undefined, security, syntax) or ordinary ones from template code.
+_TEMPLATE_FAULTS = (
+    jinja2.TemplateError,
+    TypeError,
+    ValueError,
+    ArithmeticError,
+    LookupError,
+    AttributeError,
+    RecursionError,
+)
+_HEADER_BREAKS = ("\r", "\n", "\x00")
+
+
+class RenderError(ValueError):
+    """The template cannot be rendered for this message; sending it would never work."""
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A template's content, decoupled from its protobuf form (``sluice.v1.TemplateContent``).
+
+    ``version`` must change whenever the content does; it keys the compiled-template cache.
+    """
+
+    id: str
+    version: int
+    subject: str
+    html_body: str
+    text_body: str
+    variables: tuple[str, ...] = ()
+    from_address: str = ""
+
+
+class TemplateLike(Protocol):
+    """What rendering reads from a template: ``Template`` or a ``TemplateContent`` message."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def subject(self) -> str: ...
+    @property
+    def html_body(self) -> str: ...
+    @property
+    def text_body(self) -> str: ...
+    @property
+    def variables(self) -> Sequence[str]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RenderedMessage:
+    """One recipient's message: subject and text as plain text, html escaped."""
+
+    subject: str
+    html: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Compiled:
+    sources: tuple[str, str, str]
+    # (subject, html, text), or None with the reason when the template does not compile:
+    # caching the failure keeps a broken template from being recompiled per message.
+    templates: tuple[jinja2.Template, jinja2.Template, jinja2.Template] | None
+    error: str = ""
+
+
+class Renderer:
+    """Renders templates with a bounded cache of compiled ones (``cache_size`` entries)."""
+
+    def __init__(self, cache_size: int = 256) -> None:
+        if cache_size < 1:
+            raise ValueError("cache_size must be at least 1")
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, int], _Compiled] = OrderedDict()
+        self._html_env = ImmutableSandboxedEnvironment(
+            autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+        )
+        self._plain_env = ImmutableSandboxedEnvironment(
+            autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+        )
+
+    def render(self, template: TemplateLike, variables: Mapping[str, str]) -> RenderedMessage:
+        """Renders one message; raises ``RenderError`` saying what is wrong."""
+        missing = [name for name in template.variables if name not in variables]
+        if missing:
+            raise RenderError(f"missing variable(s): {', '.join(sorted(missing))}")
+        compiled = self._compiled(template)
+        if compiled.templates is None:
+            raise RenderError(compiled.error)
+        context = dict(variables)
+        parts = []
+        for part, tmpl in zip(
+            ("subject", "html_body", "text_body"), compiled.templates, strict=True
+        ):
+            try:
+                parts.append(tmpl.render(context))
+            except _TEMPLATE_FAULTS as exc:
+                raise RenderError(f"{part}: {_describe(exc)}") from exc
+        subject, html, text = parts
+        if any(ch in subject for ch in _HEADER_BREAKS):
+            raise RenderError("subject contains a line break or NUL after rendering")
+        return RenderedMessage(subject=subject, html=html, text=text)
+
+    def _compiled(self, template: TemplateLike) -> _Compiled:
+        key = (template.id, template.version)
+        sources = (template.subject, template.html_body, template.text_body)
+        hit = self._cache.get(key)
+        # Comparing sources is cheap next to rendering and protects against a template
+        # edited without a version bump: it is recompiled instead of served stale.
+        if hit is not None and hit.sources == sources:
+            self._cache.move_to_end(key)
+            return hit
+        compiled = self._compile(sources)
+        self._cache[key] = compiled
+        self._cache.move_to_end(key)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def _compile(self, sources: tuple[str, str, str]) -> _Compiled:
+        subject, html, text = sources
+        current = "subject"
+        try:
+            subject_t = self._plain_env.from_string(subject)
+            current = "html_body"
+            html_t = self._html_env.from_string(html)
+            current = "text_body"
+            text_t = self._plain_env.from_string(text)
+        except _TEMPLATE_FAULTS as exc:
+            return _Compiled(sources, None, f"{current}: {_describe(exc)}")
+        return _Compiled(sources, (subject_t, html_t, text_t))
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, jinja2.TemplateSyntaxError):
+        return f"syntax error on line {exc.lineno}: {exc.message}"
+    if isinstance(exc, jinja2.UndefinedError):
+        return f"undefined variable: {exc.message}"
+    if isinstance(exc, SecurityError):
+        return f"not allowed in templates: {exc}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+_default_renderer = Renderer()
+
+
+def render(template: TemplateLike, variables: Mapping[str, str]) -> RenderedMessage:
+    """Renders one message with the process-wide renderer; see ``Renderer.render``."""
+    return _default_renderer.render(template, variables)

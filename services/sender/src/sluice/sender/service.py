@@ -1,0 +1,212 @@
+"""SenderService: reserve tokens, render, send through the provider, answer per message.
+
+Every message of a ``SendBatch`` gets exactly one result, in request order. What the rate
+limits do not allow now comes back THROTTLED with a retry-after; it is never an error and
+never dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+
+import grpc
+
+from sluice.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from sluice.common.grpcserver import duration_from_seconds
+from sluice.common.logging import redact_email
+from sluice.common.providers import ProviderConfig
+from sluice.common.telemetry import Telemetry, context_from_traceparent
+from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
+from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.render import RenderError, Template, render
+from sluice.v1 import sender_pb2, sender_pb2_grpc
+
+log = logging.getLogger("sluice.sender")
+
+_OUTCOMES = {
+    "accepted": sender_pb2.SEND_OUTCOME_ACCEPTED,
+    "transient": sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE,
+    "permanent": sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
+}
+MAX_MESSAGES = 5000
+
+
+class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
+    """Sends batches within each provider's cluster-wide rate limits."""
+
+    def __init__(
+        self,
+        providers: Mapping[str, ProviderConfig],
+        adapters: Mapping[str, EmailProvider],
+        limiter: RateLimiter,
+        telemetry: Telemetry,
+    ) -> None:
+        self._providers = providers
+        self._adapters = adapters
+        self._limiter = limiter
+        self._telemetry = telemetry
+
+    def _provider(self, name: str) -> ProviderConfig:
+        if not name:
+            raise InvalidArgument("provider is required", [("provider", "required")])
+        config = self._providers.get(name)
+        if config is None:
+            raise NotFound(
+                f"provider {name!r} is not configured on this sender",
+                metadata={"configured": ",".join(sorted(self._providers))},
+            )
+        return config
+
+    async def SendBatch(
+        self, request: sender_pb2.SendBatchRequest, context: grpc.aio.ServicerContext
+    ) -> sender_pb2.SendBatchResponse:
+        config = self._provider(request.provider)
+        if not config.enabled:
+            raise FailedPrecondition(f"provider {config.name!r} is disabled")
+        messages = request.messages
+        if len(messages) > MAX_MESSAGES:
+            raise InvalidArgument(
+                f"{len(messages)} messages in one batch",
+                [("messages", f"at most {MAX_MESSAGES} messages")],
+            )
+        if not messages:
+            return sender_pb2.SendBatchResponse()
+        if not request.template.id:
+            raise InvalidArgument("template is required", [("template.id", "required")])
+        template = Template(
+            id=request.template.id,
+            version=request.template.version,
+            subject=request.template.subject,
+            html_body=request.template.html_body,
+            text_body=request.template.text_body,
+            variables=tuple(request.template.variables),
+            from_address=request.template.from_address,
+        )
+        grant = await self._limiter.acquire(config, len(messages))
+        results: list[sender_pb2.SendResult | None] = [None] * len(messages)
+        for i in range(grant.granted, len(messages)):
+            results[i] = sender_pb2.SendResult(
+                intent_id=messages[i].intent_id,
+                outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
+                retry_after=duration_from_seconds(grant.retry_after),
+            )
+
+        outbound: list[tuple[int, OutboundEmail]] = []
+        for i in range(grant.granted):
+            msg = messages[i]
+            try:
+                rendered = render(template, msg.variables)
+            except RenderError as exc:
+                results[i] = sender_pb2.SendResult(
+                    intent_id=msg.intent_id,
+                    outcome=sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
+                    reason=f"render: {exc}",
+                )
+                continue
+            outbound.append(
+                (
+                    i,
+                    OutboundEmail(
+                        intent_id=msg.intent_id,
+                        recipient=msg.recipient,
+                        from_address=template.from_address,
+                        subject=rendered.subject,
+                        html=rendered.html,
+                        text=rendered.text,
+                        idempotency_key=msg.idempotency_key,
+                    ),
+                )
+            )
+
+        adapter = self._adapters[config.name]
+        chunks = [
+            outbound[start : start + config.max_batch_size]
+            for start in range(0, len(outbound), config.max_batch_size)
+        ]
+        with self._spans(config.name, [messages[i] for i, _ in outbound]):
+            sent = await asyncio.gather(*(self._send_chunk(adapter, chunk) for chunk in chunks))
+        for chunk, chunk_results in zip(chunks, sent, strict=True):
+            for (i, email), result in zip(chunk, chunk_results, strict=True):
+                results[i] = sender_pb2.SendResult(
+                    intent_id=email.intent_id,
+                    outcome=_OUTCOMES[result.outcome],
+                    provider_message_id=result.provider_message_id,
+                    reason=result.reason,
+                    retry_after=duration_from_seconds(result.retry_after)
+                    if result.retry_after
+                    else None,
+                )
+                if result.outcome == "permanent":
+                    log.info(
+                        "permanent failure",
+                        extra={
+                            "provider": config.name,
+                            "intent_id": email.intent_id,
+                            "recipient": redact_email(email.recipient),
+                            "reason": result.reason,
+                        },
+                    )
+        done = [r for r in results if r is not None]
+        assert len(done) == len(messages), "every message gets exactly one result"
+        return sender_pb2.SendBatchResponse(results=done)
+
+    async def _send_chunk(
+        self, adapter: EmailProvider, chunk: Sequence[tuple[int, OutboundEmail]]
+    ) -> list[ProviderResult]:
+        emails = [email for _, email in chunk]
+        try:
+            results = await adapter.send_batch(emails)
+        except Unavailable as exc:
+            # The provider as a whole is unreachable: nothing in this chunk was accepted.
+            return [
+                ProviderResult(intent_id=e.intent_id, outcome="transient", reason=str(exc))
+                for e in emails
+            ]
+        if len(results) != len(emails):
+            raise RuntimeError(
+                f"provider {adapter.name} gave {len(results)} results for {len(emails)} messages"
+            )
+        return results
+
+    @contextlib.contextmanager
+    def _spans(
+        self, provider: str, messages: Sequence[sender_pb2.OutboundMessage]
+    ) -> Iterator[None]:
+        """One span per message, each a child of its intent's trace (nothing when off)."""
+        if not self._telemetry.enabled:
+            yield
+            return
+        with contextlib.ExitStack() as stack:
+            for msg in messages:
+                span = self._telemetry.tracer.start_span(
+                    "sluice.send",
+                    context=context_from_traceparent(msg.traceparent),
+                    attributes={"sluice.intent_id": msg.intent_id, "sluice.provider": provider},
+                )
+                stack.callback(span.end)
+            yield
+
+    async def GetCapacity(
+        self, request: sender_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
+    ) -> sender_pb2.GetCapacityResponse:
+        names = (
+            [self._provider(request.provider).name] if request.provider else sorted(self._providers)
+        )
+        out = []
+        for name in names:
+            config = self._providers[name]
+            cap = await self._limiter.capacity(config)
+            out.append(
+                sender_pb2.ProviderCapacity(
+                    provider=name,
+                    sustained_tokens=cap.sustained_tokens,
+                    sustained_rate=cap.sustained_rate,
+                    burst_available=cap.burst_available,
+                    burst=cap.burst,
+                    unlimited=cap.unlimited,
+                )
+            )
+        return sender_pb2.GetCapacityResponse(providers=out)
