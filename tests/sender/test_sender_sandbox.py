@@ -57,8 +57,8 @@ async def test_outcomes_by_domain_in_order_and_recorded(
     results = await provider.send_batch(
         [
             email("i1", "a@example.com"),
-            email("i2", "b@FAIL.sandbox.test"),
-            email("i3", "c@flaky.sandbox.test"),
+            email("i2", "b@FAIL.sandbox.example"),
+            email("i3", "c@flaky.sandbox.example"),
             email("i4", "d@example.org"),
         ]
     )
@@ -102,8 +102,8 @@ async def test_options_change_domains_latency_and_id_recording(
     results = await provider.send_batch(
         [
             email("a", "x@worse.test"),
-            email("b", "x@flaky.sandbox.test"),  # no longer flaky: the option replaced it
-            email("c", "x@fail.sandbox.test"),
+            email("b", "x@flaky.sandbox.example"),  # no longer flaky: the option replaced it
+            email("c", "x@fail.sandbox.example"),
         ]
     )
     assert time.monotonic() - start >= 0.05
@@ -136,7 +136,7 @@ async def test_batch_with_nothing_accepted_writes_nothing(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     provider = SandboxProvider(config(), redis_client, redis_prefix)
-    results = await provider.send_batch([email("a", "x@fail.sandbox.test")])
+    results = await provider.send_batch([email("a", "x@fail.sandbox.example")])
     assert results[0].outcome == "permanent"
     assert await provider.send_batch([]) == []
     assert [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")] == []

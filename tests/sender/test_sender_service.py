@@ -60,9 +60,11 @@ async def stub(
     settings = Settings(
         redis_url=REDIS_URL, redis_prefix=redis_prefix, providers_file=str(providers)
     )
-    async with app.running(settings, disabled(), port=0) as handle:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
-            yield sender_pb2_grpc.SenderServiceStub(channel)
+    async with (
+        app.running(settings, disabled(), port=0) as handle,
+        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
+    ):
+        yield sender_pb2_grpc.SenderServiceStub(channel)
 
 
 def messages(
@@ -102,8 +104,8 @@ async def test_per_message_failures_do_not_fail_the_batch(
 ) -> None:
     msgs = (
         messages(2)
-        + messages(1, domain="fail.sandbox.test")
-        + messages(1, domain="flaky.sandbox.test")
+        + messages(1, domain="fail.sandbox.example")
+        + messages(1, domain="flaky.sandbox.example")
     )
     msgs.append(sender_pb2.OutboundMessage(intent_id="no-vars", recipient="x@example.com"))
     reply = await stub.SendBatch(
@@ -154,4 +156,5 @@ async def test_capacity_reflects_use(stub: sender_pb2_grpc.SenderServiceStub) ->
     assert after.providers[0].burst_available == 6
     everything = await stub.GetCapacity(sender_pb2.GetCapacityRequest())
     by_name = {p.provider: p for p in everything.providers}
-    assert by_name["fast"].unlimited and not by_name["slow"].unlimited
+    assert by_name["fast"].unlimited
+    assert not by_name["slow"].unlimited

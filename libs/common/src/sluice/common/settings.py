@@ -42,8 +42,8 @@ class Settings:
     router_concurrency: int = 4
     router_idle_sleep: float = 0.2
     lease_seconds: float = 30.0
-    max_attempts: int = 5
-    retry_base_seconds: float = 2.0
+    max_attempts: int = 8
+    retry_base_seconds: float = 5.0
     retry_max_seconds: float = 600.0
     default_deadline_seconds: float = 86_400.0
     sender_timeout_seconds: float = 10.0

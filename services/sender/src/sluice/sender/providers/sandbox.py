@@ -3,8 +3,8 @@
 It stands in for a real provider in local runs and tests. Outcomes depend on the
 recipient's domain (options, comma-separated, matched case-insensitively):
 
-- ``fail_domains`` (default ``fail.sandbox.test``): permanent failure, mailbox does not exist
-- ``flaky_domains`` (default ``flaky.sandbox.test``): transient failure
+- ``fail_domains`` (default ``fail.sandbox.example``): permanent failure, mailbox does not exist
+- ``flaky_domains`` (default ``flaky.sandbox.example``): transient failure
 - anything else: accepted, with a ``sandbox-<hex>`` message id
 
 ``latency_ms`` (default 0) delays each batch's answer like a provider's round trip.
@@ -52,8 +52,8 @@ class SandboxProvider:
         options = config.options
         self._name = config.name
         self._redis = redis
-        self._fail = _domains(options.get("fail_domains", "fail.sandbox.test"))
-        self._flaky = _domains(options.get("flaky_domains", "flaky.sandbox.test"))
+        self._fail = _domains(options.get("fail_domains", "fail.sandbox.example"))
+        self._flaky = _domains(options.get("flaky_domains", "flaky.sandbox.example"))
         try:
             self._latency = float(options.get("latency_ms", "0")) / 1000
         except ValueError as exc:

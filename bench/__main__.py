@@ -1,0 +1,133 @@
+"""``python -m bench``: run the benchmarks and print a table (see bench/e2e.py for method).
+
+Uses DATABASE_URL / REDIS_URL when set (each run creates and drops its own database), else
+embedded throwaway servers. Saves the figures as JSON under bench/results/ (git-ignored).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from bench.e2e import Measurements, measure, median
+
+LEGEND = """\
+  end to end: ingest → PostgreSQL → router → SendBatch → sender → unlimited sandbox → result
+              written back; timed from the router's first lease until every intent is 'sent'
+  ingest: SubmitIntents over gRPC, 1,000 per batch, 4 batches in flight, into an empty queue
+  bare pipeline: the router's lease → complete SQL in this process, no gRPC, sender or Redis
+              (router batch size and concurrency); bare insert: ingest's insert_intents
+  services run as separate processes (sluice serve ...), as they do in production"""
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def build_table(results: Measurements, count: int, runs: int) -> Table:
+    """stage | unit | median | min | max | ratio vs baseline."""
+    table = Table(title=f"Sluice bench: {count:,} intents, median of {runs} run(s)")
+    for name, justify in (
+        ("stage", "left"),
+        ("unit", "left"),
+        ("median", "right"),
+        ("min", "right"),
+        ("max", "right"),
+        ("ratio vs baseline", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+
+    pipeline_base = median(results.baseline_pipeline)
+    insert_base = median(results.baseline_insert)
+    rows = (
+        (
+            "end to end (trio)",
+            "emails/s",
+            results.e2e,
+            f"{median(results.e2e) / pipeline_base:.2f}x bare pipeline",
+        ),
+        (
+            "ingest SubmitIntents",
+            "intents/s",
+            results.ingest,
+            f"{median(results.ingest) / insert_base:.2f}x bare insert",
+        ),
+        ("bare pipeline (baseline)", "emails/s", results.baseline_pipeline, "1.00x"),
+        ("bare insert (baseline)", "intents/s", results.baseline_insert, "1.00x"),
+    )
+    for stage, unit, values, ratio in rows:
+        table.add_row(
+            stage,
+            unit,
+            f"{median(values):,.0f}",
+            f"{min(values):,.0f}",
+            f"{max(values):,.0f}",
+            ratio,
+        )
+    return table
+
+
+def save(results: Measurements, count: int, runs: int, where: dict[str, str]) -> Path:
+    """Writes the figures to bench/results/<timestamp>.json."""
+    RESULTS_DIR.mkdir(exist_ok=True)
+    path = RESULTS_DIR / f"{time.strftime('%Y%m%d-%H%M%S')}.json"
+    document = {
+        "count": count,
+        "runs": runs,
+        "cpus": os.cpu_count(),
+        **where,
+        "e2e_emails_per_s": results.e2e,
+        "ingest_intents_per_s": results.ingest,
+        "baseline_pipeline_per_s": results.baseline_pipeline,
+        "baseline_insert_per_s": results.baseline_insert,
+        "notes": results.notes,
+    }
+    path.write_text(json.dumps(document, indent=2) + "\n")
+    return path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the benchmarks; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=(
+            "End-to-end emails/s through the Sluice trio with an unlimited sandbox provider, "
+            "the ingest rate, and the bare database pipeline as baseline. Uses DATABASE_URL "
+            "and REDIS_URL when set, else embedded throwaway servers."
+        ),
+    )
+    parser.add_argument("--count", type=int, default=20_000, help="intents per run (20,000)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per stage (3)")
+    args = parser.parse_args(argv)
+    if args.count < 1 or args.runs < 1:
+        parser.error("--count and --runs must be at least 1")
+
+    results, servers = asyncio.run(measure(args.count, args.runs, _progress))
+    console = Console(width=max(Console().width, 100))
+    console.print(build_table(results, args.count, args.runs))
+    console.print(LEGEND, highlight=False)
+    for note in results.notes:
+        console.print(f"  {note}", highlight=False)
+    path = save(
+        results,
+        args.count,
+        args.runs,
+        {"postgres": servers.postgres_label, "redis": servers.redis_label},
+    )
+    console.print(f"saved {path}", highlight=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

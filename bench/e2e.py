@@ -1,0 +1,474 @@
+"""End-to-end throughput: ingest -> PostgreSQL -> router -> sender -> sandbox -> write-back.
+
+One *e2e run*, on a fresh database:
+
+1. start ``sluice serve ingest`` and ``sluice serve sender`` as subprocesses, with one
+   unlimited sandbox provider (no rate limit, ``record_ids=false``);
+2. submit ``count`` intents with ``SubmitIntents`` in batches of 1,000 (a few batches in
+   flight) and time it: the **ingest** row;
+3. start ``sluice serve router`` and time from its first lease until every intent is
+   ``sent``: the **end-to-end** row. The clock starts at the first lease, not at process
+   start, so Python's import time is not counted as pipeline time.
+
+One *baseline run*, in this process on a fresh database: the same number of intents stored
+with ingest's repository directly (``insert_intents``, batches of 1,000), then leased and
+completed with the router's repository functions (``lease`` -> ``complete``, the router's
+batch size and concurrency) with no gRPC, no sender and no Redis: what the database part of
+the pipeline costs by itself, so the ratio shows what the services add.
+
+Why subprocesses: the services are separate processes in production, and on a 2-core machine
+three asyncio services in one process would share one core (the GIL) while PostgreSQL gets
+the other; as processes they compete for the cores the way a real deployment does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import grpc
+import redis.asyncio as aioredis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from sluice.cli.embedded import embedded_postgres, embedded_redis, find_free_port
+from sluice.cli.seed import seed_templates
+from sluice.common.db import create_pool, migrate
+from sluice.common.model import KIND_TO_PROTO, PRIORITY
+from sluice.common.settings import Settings
+from sluice.ingest.repository import NewIntent, insert_intents
+from sluice.router.repository import Completion, complete, lease
+from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
+
+SUBMIT_BATCH = 1_000
+SUBMIT_IN_FLIGHT = 4  # batches in flight at once, like a few busy client processes
+START_TIMEOUT = 60.0
+RUN_TIMEOUT = 600.0
+FIRST_LEASE_POLL = 0.005
+DONE_POLL = 0.02
+
+PROVIDERS_TOML = """\
+# Written by bench/e2e.py: one sandbox provider with no rate limit, so the pipeline itself
+# is what is measured.
+[[providers]]
+name = "bench"
+kind = "sandbox"
+cost_per_thousand = 0.10
+sustained_rate = 0
+burst = 0
+intents = ["transactional", "marketing", "digest"]
+max_batch_size = 500
+
+[providers.options]
+record_ids = "false"
+"""
+
+Report = Callable[[str], None]
+
+
+def _kind(index: int) -> str:
+    slot = index % 5
+    return "transactional" if slot == 0 else "digest" if slot == 1 else "marketing"
+
+
+@dataclass(frozen=True)
+class Servers:
+    """The PostgreSQL and Redis the bench runs against."""
+
+    admin_dsn: str  # a database we may CREATE/DROP DATABASE from
+    redis_url: str
+    postgres_label: str
+    redis_label: str
+
+
+@dataclass
+class Measurements:
+    """Rates (per second) per stage, one entry per run."""
+
+    ingest: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    baseline_insert: list[float] = field(default_factory=list)
+    baseline_pipeline: list[float] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def servers(workdir: Path, report: Report) -> AsyncIterator[Servers]:
+    """DATABASE_URL / REDIS_URL when set, else throwaway embedded servers."""
+    dsn = os.environ.get("DATABASE_URL", "")
+    redis_url = os.environ.get("REDIS_URL", "")
+    async with AsyncExitStack() as stack:
+        pg_label = "DATABASE_URL"
+        redis_label = "REDIS_URL"
+        if not dsn:
+            report("DATABASE_URL unset: starting an embedded PostgreSQL (fsync off)")
+            dsn = await stack.enter_async_context(embedded_postgres(workdir, log=report))
+            pg_label = "embedded (fsync=off)"
+        if not redis_url:
+            report("REDIS_URL unset: starting an embedded Redis")
+            redis_url = await stack.enter_async_context(embedded_redis(workdir, log=report))
+            redis_label = "embedded"
+        yield Servers(dsn, redis_url, pg_label, redis_label)
+
+
+def with_database(dsn: str, name: str) -> str:
+    """``dsn`` pointing at database ``name`` on the same server."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+@asynccontextmanager
+async def fresh_database(admin_dsn: str) -> AsyncIterator[str]:
+    """A new, migrated database with the demo templates; dropped afterwards."""
+    name = f"sluice_bench_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    dsn = with_database(admin_dsn, name)
+    try:
+        await migrate(dsn)
+        pool = await create_pool(dsn, max_size=2)
+        try:
+            await seed_templates(pool)
+        finally:
+            await pool.close()
+        yield dsn
+    finally:
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+def submissions(run: str, count: int) -> list[intent_pb2.IntentSubmission]:
+    """``count`` valid submissions for the ``welcome`` template, mixed intent kinds."""
+    return [
+        intent_pb2.IntentSubmission(
+            idempotency_key=f"{run}/{i}",
+            campaign_id=run,
+            recipient=f"user{i}@example.com",
+            intent=KIND_TO_PROTO[_kind(i)],
+            template_id="welcome",
+            variables={"name": f"User {i}"},
+        )
+        for i in range(count)
+    ]
+
+
+def new_intents(run: str, count: int) -> list[NewIntent]:
+    """The same intents as :func:`submissions`, as ingest's repository stores them."""
+    now = datetime.now(UTC)
+    deadline = now + timedelta(days=1)
+    rows = []
+    for i in range(count):
+        key = f"{run}/{i}"
+        kind = _kind(i)
+        rows.append(
+            NewIntent(
+                id=uuid.uuid4(),
+                idempotency_key=key,
+                payload_hash=hashlib.sha256(key.encode()).digest(),
+                campaign_id=run,
+                recipient=f"user{i}@example.com",
+                kind=kind,
+                priority=PRIORITY[kind],
+                template_id="welcome",
+                variables={"name": f"User {i}"},
+                send_at=now,
+                deadline=deadline,
+                traceparent=None,
+            )
+        )
+    return rows
+
+
+class Service:
+    """One ``sluice serve`` subprocess, its log, and a bounded stop."""
+
+    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
+        self.name = name
+        self.env = env
+        self.log_path = logdir / f"{name}.log"
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        """Spawns ``python -m sluice.cli serve <name>``."""
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "sluice.cli",
+                "serve",
+                self.name,
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The end of the service's output."""
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    async def wait_serving(self, target: str) -> None:
+        """Until the health service answers SERVING; fails if the process exits."""
+        deadline = time.monotonic() + START_TIMEOUT
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.proc is not None and self.proc.returncode is not None:
+                    raise RuntimeError(
+                        f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}"
+                    )
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    answer = await stub.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                    if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{self.name} did not start:\n{self.log_tail()}")
+                await asyncio.sleep(0.1)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the process so far (Linux /proc)."""
+        if self.proc is None or self.proc.returncode is not None:
+            return 0.0
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        ticks = os.sysconf("SC_CLK_TCK")
+        return (int(fields[11]) + int(fields[12])) / ticks
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), 20)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+
+async def _submit_all(target: str, items: Sequence[intent_pb2.IntentSubmission]) -> float:
+    """Submits in 1,000-item batches, SUBMIT_IN_FLIGHT at a time; returns seconds taken."""
+    batches = [items[i : i + SUBMIT_BATCH] for i in range(0, len(items), SUBMIT_BATCH)]
+    requests = [ingest_pb2.SubmitIntentsRequest(intents=b) for b in batches]
+    gate = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = cast(
+            "ingest_pb2_grpc.IngestServiceAsyncStub", ingest_pb2_grpc.IngestServiceStub(channel)
+        )
+
+        async def one(request: ingest_pb2.SubmitIntentsRequest) -> None:
+            async with gate:
+                answer: ingest_pb2.SubmitIntentsResponse = await stub.SubmitIntents(
+                    request, timeout=120
+                )
+            bad = [r.error.message for r in answer.results if not r.intent_id or not r.created]
+            if bad:
+                raise RuntimeError(f"{len(bad)} submissions not created, e.g. {bad[0]}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(r) for r in requests))
+        return time.perf_counter() - started
+
+
+async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[float, float]:
+    """Polls until the first lease, then until nothing is pending or leased.
+
+    Returns (first-lease time, done time) on the perf_counter clock.
+    """
+    deadline = time.perf_counter() + RUN_TIMEOUT
+    while True:
+        pending = await conn.fetchval("SELECT count(*) FROM intents WHERE status = 'pending'")
+        if pending < count:
+            first = time.perf_counter()
+            break
+        if time.perf_counter() > deadline:
+            raise RuntimeError("the router never leased anything")
+        await asyncio.sleep(FIRST_LEASE_POLL)
+    while True:
+        open_ = await conn.fetchval(
+            "SELECT count(*) FROM intents WHERE status IN ('pending', 'leased')"
+        )
+        if open_ == 0:
+            return first, time.perf_counter()
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"{open_} intents still open after {RUN_TIMEOUT:.0f} s")
+        await asyncio.sleep(DONE_POLL)
+
+
+async def e2e_run(
+    servers_: Servers, count: int, workdir: Path, report: Report
+) -> tuple[float, float, str]:
+    """One end-to-end run; returns (ingest intents/s, end-to-end emails/s, cpu note)."""
+    providers_file = workdir / "providers.toml"
+    providers_file.write_text(PROVIDERS_TOML)
+    prefix = f"bench{uuid.uuid4().hex[:8]}"
+    ports = {name: find_free_port() for name in ("ingest", "router", "sender")}
+    async with fresh_database(servers_.admin_dsn) as dsn, AsyncExitStack() as stack:
+        env = {
+            **os.environ,
+            "DATABASE_URL": dsn,
+            "REDIS_URL": servers_.redis_url,
+            "SLUICE_REDIS_PREFIX": prefix,
+            "SLUICE_PROVIDERS_FILE": str(providers_file),
+            "SLUICE_LISTEN_HOST": "127.0.0.1",
+            "SLUICE_INGEST_PORT": str(ports["ingest"]),
+            "SLUICE_ROUTER_PORT": str(ports["router"]),
+            "SLUICE_SENDER_PORT": str(ports["sender"]),
+            "SLUICE_SENDER_TARGET": f"127.0.0.1:{ports['sender']}",
+            "SLUICE_LOG_LEVEL": "WARNING",
+        }
+        services = {name: Service(name, env, workdir) for name in ports}
+        for service in services.values():
+            stack.push_async_callback(service.stop)
+        stack.push_async_callback(_drop_redis_keys, servers_.redis_url, prefix)
+        await asyncio.gather(services["ingest"].start(), services["sender"].start())
+        await asyncio.gather(
+            services["ingest"].wait_serving(f"127.0.0.1:{ports['ingest']}"),
+            services["sender"].wait_serving(f"127.0.0.1:{ports['sender']}"),
+        )
+        items = submissions(prefix, count)
+        seconds = await _submit_all(f"127.0.0.1:{ports['ingest']}", items)
+        ingest_rate = count / seconds
+        report(f"  ingest: {count:,} intents in {seconds:.2f} s = {ingest_rate:,.0f}/s")
+
+        conn = await asyncpg.connect(dsn)
+        stack.push_async_callback(conn.close)
+        cpu_before = {n: s.cpu_seconds() for n, s in services.items()}
+        await services["router"].start()
+        first, done = await _wait_pipeline(conn, count)
+        cpu = {n: s.cpu_seconds() - cpu_before[n] for n, s in services.items()}
+        sent = await conn.fetchval("SELECT count(*) FROM intents WHERE status = 'sent'")
+        if sent != count:
+            raise RuntimeError(f"only {sent} of {count} intents were sent")
+        e2e_rate = count / (done - first)
+        cpu_note = ", ".join(f"{n} {c:.1f}" for n, c in cpu.items())
+        report(
+            f"  end-to-end: {count:,} sent in {done - first:.2f} s from first lease = "
+            f"{e2e_rate:,.0f} emails/s (CPU s: {cpu_note})"
+        )
+        return ingest_rate, e2e_rate, cpu_note
+
+
+async def _drop_redis_keys(url: str, prefix: str) -> None:
+    client = aioredis.Redis.from_url(url)
+    try:
+        keys = [k async for k in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def baseline_run(servers_: Servers, count: int, report: Report) -> tuple[float, float]:
+    """The database part alone; returns (inserts/s, leased-and-completed/s)."""
+    settings = Settings.from_env()
+    workers = settings.router_concurrency
+    async with fresh_database(servers_.admin_dsn) as dsn:
+        pool = await create_pool(dsn, min_size=workers, max_size=max(workers, SUBMIT_IN_FLIGHT))
+        try:
+            rows = new_intents(f"base{uuid.uuid4().hex[:8]}", count)
+            batches = [rows[i : i + SUBMIT_BATCH] for i in range(0, len(rows), SUBMIT_BATCH)]
+            gate = asyncio.Semaphore(SUBMIT_IN_FLIGHT)
+
+            async def insert(batch: list[NewIntent]) -> None:
+                async with gate:
+                    await insert_intents(pool, batch)
+
+            started = time.perf_counter()
+            await asyncio.gather(*(insert(b) for b in batches))
+            insert_rate = count / (time.perf_counter() - started)
+
+            async def worker() -> None:
+                while True:
+                    lease_id = uuid.uuid4()
+                    leased = await lease(
+                        pool,
+                        lease_id=lease_id,
+                        limit=settings.router_batch_size,
+                        lease_seconds=settings.lease_seconds,
+                    )
+                    if not leased:
+                        return
+                    await complete(
+                        pool,
+                        lease_id=lease_id,
+                        completions=[
+                            Completion(
+                                intent_id=i.id,
+                                status="sent",
+                                provider="bench",
+                                provider_message_id=f"bench-{i.id}",
+                                attempted=True,
+                            )
+                            for i in leased
+                        ],
+                    )
+
+            started = time.perf_counter()
+            await asyncio.gather(*(worker() for _ in range(workers)))
+            pipeline_rate = count / (time.perf_counter() - started)
+            sent = await pool.fetchval("SELECT count(*) FROM intents WHERE status = 'sent'")
+            if sent != count:
+                raise RuntimeError(f"baseline completed {sent} of {count}")
+        finally:
+            await pool.close()
+    report(
+        f"  baseline: insert_intents {insert_rate:,.0f}/s; lease->complete "
+        f"({workers} workers x {settings.router_batch_size}) {pipeline_rate:,.0f}/s"
+    )
+    return insert_rate, pipeline_rate
+
+
+async def measure(count: int, runs: int, report: Report) -> tuple[Measurements, Servers]:
+    """Runs ``runs`` e2e runs and ``runs`` baseline runs, interleaved."""
+    results = Measurements()
+    with tempfile.TemporaryDirectory(prefix="sluice-bench-") as tmp:
+        workdir = Path(tmp)
+        async with servers(workdir, report) as servers_:
+            report(f"PostgreSQL: {servers_.postgres_label}; Redis: {servers_.redis_label}")
+            for run in range(1, runs + 1):
+                report(f"run {run}/{runs}: end to end ({count:,} intents, services as processes)")
+                ingest_rate, e2e_rate, cpu_note = await e2e_run(servers_, count, workdir, report)
+                results.ingest.append(ingest_rate)
+                results.e2e.append(e2e_rate)
+                results.notes.append(f"run {run} CPU s during send: {cpu_note}")
+                report(f"run {run}/{runs}: baseline (bare database pipeline, in process)")
+                insert_rate, pipeline_rate = await baseline_run(servers_, count, report)
+                results.baseline_insert.append(insert_rate)
+                results.baseline_pipeline.append(pipeline_rate)
+    return results, servers_
+
+
+def median(values: Sequence[float]) -> float:
+    """The median (the middle run of 3)."""
+    return float(statistics.median(values))

@@ -1,0 +1,119 @@
+"""``sluice serve`` and ``sluice migrate``: the production entry points.
+
+``serve`` builds the settings from the environment once, configures logging and tracing,
+and runs one service until SIGTERM/SIGINT; the service's ``running()`` context does the
+bounded shutdown (NOT_SERVING, drain, give leases back, close resources).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import AbstractAsyncContextManager
+from typing import Protocol
+
+from sluice.common.errors import ConfigError
+from sluice.common.grpcserver import ServerHandle, install_stop_signals
+from sluice.common.logging import setup_logging
+from sluice.common.settings import Settings
+from sluice.common.telemetry import Telemetry, setup_tracing
+
+log = logging.getLogger("sluice.cli")
+
+SERVICES = ("ingest", "router", "sender")
+
+
+class RunningFactory(Protocol):
+    """The ``running()`` context manager every service's ``app`` module provides."""
+
+    def __call__(
+        self, settings: Settings, telemetry: Telemetry, *, port: int | None = None
+    ) -> AbstractAsyncContextManager[ServerHandle]: ...
+
+
+def service_app(service: str) -> RunningFactory:
+    """The ``running`` factory of one service, imported only when that service is wanted."""
+    if service == "ingest":
+        from sluice.ingest.app import running as ingest_running
+
+        return ingest_running
+    if service == "router":
+        from sluice.router.app import running as router_running
+
+        return router_running
+    if service == "sender":
+        from sluice.sender.app import running as sender_running
+
+        return sender_running
+    raise ConfigError(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+
+
+def configure_logging(settings: Settings, service: str = "", *, level: str | None = None) -> None:
+    """setup_logging with a start-up error (not a traceback) for an unknown level name."""
+    if not isinstance(logging.getLevelName(settings.log_level.upper()), int):
+        raise ConfigError(
+            f"SLUICE_LOG_LEVEL={settings.log_level!r} is not one of "
+            "DEBUG, INFO, WARNING, ERROR, CRITICAL"
+        )
+    setup_logging((level or settings.log_level).upper(), settings.log_format, service=service)
+
+
+def make_telemetry(settings: Settings, service: str) -> Telemetry:
+    """This process's tracing for ``service``, as the settings ask."""
+    return setup_tracing(service, settings.otel_exporter, otlp_endpoint=settings.otlp_endpoint)
+
+
+async def serve(service: str, settings: Settings) -> None:
+    """Runs ``service`` until a stop signal, then lets its context shut it down."""
+    running = service_app(service)
+    stop = asyncio.Event()
+    # Installed before start-up, so a SIGTERM that arrives while we connect still stops us
+    # cleanly right after the server is up instead of killing us half-way.
+    install_stop_signals(stop)
+    telemetry = make_telemetry(settings, service)
+    try:
+        async with running(settings, telemetry) as handle:
+            log.info(
+                "%s listening on %s:%d",
+                service,
+                settings.listen_host,
+                handle.port,
+                extra={"service": service},
+            )
+            await stop.wait()
+            log.info("%s stopping", service, extra={"service": service})
+        log.info("%s stopped", service, extra={"service": service})
+    finally:
+        telemetry.shutdown()
+
+
+def run_serve(service: str) -> int:
+    """``sluice serve SERVICE``: ConfigError and Unavailable propagate to ``main``."""
+    settings = Settings.from_env()
+    configure_logging(settings, service)
+    asyncio.run(serve(service, settings))
+    return 0
+
+
+async def migrate(database_url: str) -> list[str]:
+    """Applies pending migrations to ``database_url``; returns their names."""
+    from sluice.common.db import migrate as db_migrate
+
+    return await db_migrate(database_url)
+
+
+def run_migrate() -> int:
+    """``sluice migrate``: prints each migration applied, or that the schema is current."""
+    from sluice.common.db import redact_dsn
+
+    settings = Settings.from_env()
+    configure_logging(settings, level="WARNING")
+    url = settings.require_database()
+    applied = asyncio.run(migrate(url))
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+        print(f"{len(applied)} migration(s) applied to {redact_dsn(url)}")
+    else:
+        print(f"{redact_dsn(url)} is up to date")
+    return 0

@@ -1,0 +1,68 @@
+"""Coalescing of concurrent single submissions into batched inserts.
+
+Each ``SubmitIntent`` call hands its row to :class:`InsertCoalescer` and awaits the outcome.
+A few writer tasks each take whatever rows are waiting (up to ``max_batch``) and insert them
+with one ``insert_intents`` call. Nothing waits on a timer: at low load a row is inserted
+alone at once; under load, rows that arrive while a write is in flight ride the next one.
+DESIGN.md's probe measured the unary knee going from about 1,400 to 2,650 requests/s this way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+
+from sluice.ingest.repository import InsertOutcome, NewIntent
+
+InsertFn = Callable[[Sequence[NewIntent]], Awaitable[list[InsertOutcome]]]
+
+
+class InsertCoalescer:
+    """Batches concurrent single-row inserts; see the module docstring."""
+
+    def __init__(self, insert: InsertFn, *, writers: int = 4, max_batch: int = 500) -> None:
+        self._insert = insert
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[NewIntent, asyncio.Future[InsertOutcome]]] = (
+            asyncio.Queue()
+        )
+        self._writers = [
+            asyncio.create_task(self._run(), name=f"ingest-writer-{i}") for i in range(writers)
+        ]
+
+    async def insert(self, row: NewIntent) -> InsertOutcome:
+        """Inserts one row (possibly with others) and returns its outcome."""
+        future: asyncio.Future[InsertOutcome] = asyncio.get_running_loop().create_future()
+        await self._queue.put((row, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            live = [(row, fut) for row, fut in batch if not fut.cancelled()]
+            if not live:
+                continue
+            try:
+                outcomes = await self._insert([row for row, _ in live])
+            except Exception as exc:  # noqa: BLE001  (handed to every waiting caller)
+                for _, fut in live:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for (_, fut), outcome in zip(live, outcomes, strict=True):
+                if not fut.done():
+                    fut.set_result(outcome)
+
+    async def aclose(self) -> None:
+        """Stops the writers; callers still waiting get CancelledError."""
+        for task in self._writers:
+            task.cancel()
+        for task in self._writers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        while not self._queue.empty():
+            _, fut = self._queue.get_nowait()
+            fut.cancel()

@@ -1,0 +1,297 @@
+"""IngestService: the thin gRPC layer over validation and the intents repository."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+import uuid
+from collections.abc import Awaitable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+import asyncpg
+import grpc
+
+from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError, Unavailable
+from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
+from sluice.common.settings import Settings
+from sluice.common.telemetry import current_traceparent
+from sluice.ingest import repository
+from sluice.ingest.coalesce import InsertCoalescer
+from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent, TemplateRow
+from sluice.ingest.validation import validate_submission
+from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
+
+T = TypeVar("T")
+
+MAX_BATCH = 1000
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+TEMPLATE_TTL_SECONDS = 5.0
+
+
+async def _db(awaitable: Awaitable[T]) -> T:
+    """Awaits a repository call, turning a lost database into UNAVAILABLE (safe to retry)."""
+    try:
+        return await awaitable
+    except (
+        OSError,
+        asyncpg.exceptions.InterfaceError,
+        asyncpg.exceptions.CannotConnectNowError,
+        asyncpg.exceptions.ConnectionDoesNotExistError,
+    ) as exc:
+        raise Unavailable(f"database unavailable: {exc}") from exc
+
+
+class TemplateCache:
+    """Templates by id, read from PostgreSQL at most every few seconds per id.
+
+    Validation needs each template's declared variables on every submission; templates
+    change rarely, so a short TTL keeps them off the database's hot path.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl: float = TEMPLATE_TTL_SECONDS) -> None:
+        self._pool = pool
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, TemplateRow | None]] = {}
+
+    async def get(self, ids: Sequence[str]) -> dict[str, TemplateRow]:
+        """The templates among ``ids`` that exist (one query for all the stale ones)."""
+        now = time.monotonic()
+        stale = sorted(
+            {i for i in ids if i and (i not in self._entries or self._entries[i][0] < now)}
+        )
+        if stale:
+            found = await _db(repository.get_templates(self._pool, stale))
+            for template_id in stale:
+                self._entries[template_id] = (now + self._ttl, found.get(template_id))
+        out: dict[str, TemplateRow] = {}
+        for template_id in ids:
+            entry = self._entries.get(template_id)
+            if entry is not None and entry[1] is not None:
+                out[template_id] = entry[1]
+        return out
+
+
+def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
+    """The wire form of a stored intent."""
+    msg = intent_pb2.EmailIntent(
+        id=str(row.id),
+        idempotency_key=row.idempotency_key,
+        campaign_id=row.campaign_id,
+        recipient=row.recipient,
+        intent=KIND_TO_PROTO[row.kind],
+        template_id=row.template_id,
+        variables=row.variables,
+        status=STATUS_TO_PROTO[row.status],
+        provider=row.provider or "",
+        provider_message_id=row.provider_message_id or "",
+        attempts=row.attempts,
+        last_error=row.last_error or "",
+    )
+    for name, value in (
+        ("send_at", row.send_at),
+        ("deadline", row.deadline),
+        ("create_time", row.created_at),
+        ("update_time", row.updated_at),
+    ):
+        ts = to_timestamp(value)
+        if ts is not None:
+            getattr(msg, name).CopyFrom(ts)
+    return msg
+
+
+def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailIntent:
+    return intent_to_proto(
+        IntentRow(
+            id=row.id,
+            idempotency_key=row.idempotency_key,
+            campaign_id=row.campaign_id,
+            recipient=row.recipient,
+            kind=row.kind,
+            priority=row.priority,
+            template_id=row.template_id,
+            variables=row.variables,
+            send_at=row.send_at,
+            deadline=row.deadline,
+            due_at=row.send_at,
+            status="pending",
+            provider=None,
+            provider_message_id=None,
+            attempts=0,
+            last_error=None,
+            traceparent=row.traceparent,
+            created_at=created_at,
+            updated_at=created_at,
+        )
+    )
+
+
+def _conflict(key: str, intent_id: uuid.UUID | None) -> AlreadyExists:
+    return AlreadyExists(
+        f"idempotency key {key!r} already names an intent with a different payload",
+        metadata={"intent_id": str(intent_id or ""), "idempotency_key": key},
+    )
+
+
+class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
+    """Validates and stores intents; answers questions about them."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._templates = TemplateCache(pool)
+        self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
+        self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
+
+    async def aclose(self) -> None:
+        """Stops the background writers."""
+        await self._coalescer.aclose()
+
+    async def SubmitIntent(
+        self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.SubmitIntentResponse:
+        sub = request.intent
+        templates = await self._templates.get([sub.template_id])
+        now = datetime.now(UTC)
+        row = validate_submission(
+            sub,
+            templates,
+            now=now,
+            default_deadline=self._default_deadline,
+            traceparent=current_traceparent(),
+        )
+        outcome: InsertOutcome = await _db(self._coalescer.insert(row))
+        if outcome.conflict:
+            raise _conflict(row.idempotency_key, outcome.intent_id)
+        if outcome.created:
+            return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
+        assert outcome.intent_id is not None
+        stored = await _db(repository.get_intent(self._pool, outcome.intent_id))
+        if stored is None:  # only if deleted between the two statements
+            raise NotFound(f"intent {outcome.intent_id} no longer exists")
+        return ingest_pb2.SubmitIntentResponse(intent=intent_to_proto(stored), created=False)
+
+    async def SubmitIntents(
+        self, request: ingest_pb2.SubmitIntentsRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.SubmitIntentsResponse:
+        subs = request.intents
+        if not subs:
+            raise InvalidArgument("no intents given", [("intents", "at least one item")])
+        if len(subs) > MAX_BATCH:
+            raise InvalidArgument(
+                f"{len(subs)} intents in one call", [("intents", f"at most {MAX_BATCH} items")]
+            )
+        templates = await self._templates.get([s.template_id for s in subs])
+        now = datetime.now(UTC)
+        traceparent = current_traceparent()
+        results = [ingest_pb2.SubmitIntentResult() for _ in subs]
+        rows: list[NewIntent] = []
+        positions: list[int] = []
+        for i, sub in enumerate(subs):
+            try:
+                rows.append(
+                    validate_submission(
+                        sub,
+                        templates,
+                        now=now,
+                        default_deadline=self._default_deadline,
+                        traceparent=traceparent,
+                        field_prefix=f"intents[{i}]",
+                    )
+                )
+                positions.append(i)
+            except InvalidArgument as exc:
+                _set_error(results[i], exc)
+        if rows:
+            outcomes = await _db(repository.insert_intents(self._pool, rows))
+            for i, row, outcome in zip(positions, rows, outcomes, strict=True):
+                if outcome.conflict:
+                    _set_error(results[i], _conflict(row.idempotency_key, outcome.intent_id))
+                else:
+                    results[i].intent_id = str(outcome.intent_id)
+                    results[i].created = outcome.created
+        return ingest_pb2.SubmitIntentsResponse(results=results)
+
+    async def GetIntent(
+        self, request: ingest_pb2.GetIntentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.GetIntentResponse:
+        intent_id = _parse_uuid(request.id, "id")
+        row = await _db(repository.get_intent(self._pool, intent_id))
+        if row is None:
+            raise NotFound(f"intent {intent_id} does not exist")
+        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
+
+    async def ListIntents(
+        self, request: ingest_pb2.ListIntentsRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.ListIntentsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument("page_size is negative", [("page_size", "must not be negative")])
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        status = PROTO_TO_STATUS.get(int(request.status)) if request.status else None
+        if request.status and status is None:
+            raise InvalidArgument("unknown status", [("status", "not an IntentStatus value")])
+        fingerprint = _filter_fingerprint(request.campaign_id, int(request.status))
+        after = _decode_page_token(request.page_token, fingerprint) if request.page_token else None
+        rows = await _db(
+            repository.list_intents(
+                self._pool,
+                campaign_id=request.campaign_id or None,
+                status=status,
+                limit=size + 1,
+                after=after,
+            )
+        )
+        page = rows[:size]
+        token = ""
+        if len(rows) > size:
+            last = page[-1]
+            token = _encode_page_token(last.created_at, last.id, fingerprint)
+        return ingest_pb2.ListIntentsResponse(
+            intents=[intent_to_proto(r) for r in page], next_page_token=token
+        )
+
+
+def _set_error(result: ingest_pb2.SubmitIntentResult, exc: SluiceError) -> None:
+    result.error.code = exc.code.value[0]
+    result.error.message = exc.message
+    if isinstance(exc, InvalidArgument):
+        for field, description in exc.field_violations:
+            result.error.field_violations.add(field=field, description=description)
+
+
+def _parse_uuid(value: str, field: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument(f"{field} is not an intent id", [(field, "must be a UUID")]) from None
+
+
+def _filter_fingerprint(campaign_id: str, status: int) -> str:
+    # AIP-158: a page token is only valid with the filters it was issued for.
+    return hashlib.sha256(f"{campaign_id}\x00{status}".encode()).hexdigest()[:16]
+
+
+def _encode_page_token(created_at: datetime, intent_id: uuid.UUID, fingerprint: str) -> str:
+    raw = json.dumps({"t": created_at.isoformat(), "i": str(intent_id), "f": fingerprint})
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_page_token(token: str, fingerprint: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        created_at = datetime.fromisoformat(raw["t"])
+        intent_id = uuid.UUID(raw["i"])
+        issued_for = raw["f"]
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        raise InvalidArgument(
+            "page_token is not valid", [("page_token", "not a token this server issued")]
+        ) from None
+    if issued_for != fingerprint:
+        raise InvalidArgument(
+            "page_token was issued for other filters",
+            [("page_token", "use it with the same campaign_id and status it came with")],
+        )
+    return created_at, intent_id

@@ -1,0 +1,300 @@
+"""The router's durable state: leasing due intents, writing results back, reclaiming.
+
+A lease is a ``lease_id`` (one per :func:`lease` call) stamped on the rows it took, plus an
+expiry. Every write-back names the lease and only lands on rows that still carry it, so a
+router whose lease ran out and was taken over by another router can never overwrite the
+newer lease's outcome (promise 3). Every function is one statement whatever the batch size.
+
+Every function takes an :data:`sluice.common.db.Executor` (a pool or a held connection).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from sluice.common.db import Executor, rows_affected
+
+__all__ = [
+    "COMPLETION_STATUSES",
+    "Completion",
+    "LeasedIntent",
+    "QueueStats",
+    "complete",
+    "lease",
+    "queue_stats",
+    "reclaim_expired",
+    "release",
+]
+
+COMPLETION_STATUSES = frozenset({"sent", "pending", "failed", "expired"})
+
+# The canonical SKIP LOCKED queue pop, in one statement. The subquery walks the partial
+# pending index in lease order and locks up to $2 rows, skipping rows another router is
+# locking right now; locking re-checks status on the newest row version, so a row leased
+# and committed by someone else since our snapshot is skipped, never taken twice.
+#
+# "id = ANY(ARRAY(subquery))" rather than "FROM (subquery) d WHERE i.id = d.id": asyncpg
+# prepares statements, and in a generic plan PostgreSQL guesses LIMIT $2 at 10% of the
+# pending rows, then hash-joins against a sequential scan of the whole table (measured
+# ~300 ms per lease of 500 on 1M rows, against ~5 ms). ANY over an InitPlan array is always
+# a primary-key lookup.
+LEASE_SQL = """
+UPDATE intents
+SET status = 'leased',
+    lease_id = $1,
+    lease_expires_at = now() + make_interval(secs => $3),
+    updated_at = now()
+WHERE id = ANY(ARRAY(
+    SELECT id FROM intents
+    WHERE status = 'pending' AND due_at <= now()
+    ORDER BY priority, due_at
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+))
+RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
+          idempotency_key, traceparent, campaign_id
+"""
+
+# All results of a batch in one statement. The row lands only if it still carries our lease
+# and is leased, or pending: pending with our lease_id means it was reclaimed after our lease
+# ran out but nobody has leased it again, and a provider's acceptance must not be lost then
+# (re-sending it would be the duplicate promise 5 forbids). A row re-leased by another router
+# carries that router's lease_id and is left alone.
+#
+# lease_id is cleared with the expiry, which makes a result land at most once: a repeated or
+# late write-back for the same lease finds no row.
+COMPLETE_SQL = """
+UPDATE intents
+SET status = u.status::intent_status,
+    provider = COALESCE(u.provider, intents.provider),
+    provider_message_id = COALESCE(u.provider_message_id, intents.provider_message_id),
+    due_at = COALESCE(u.due_at, intents.due_at),
+    attempts = intents.attempts + u.attempted::int,
+    last_error = COALESCE(u.last_error, intents.last_error),
+    lease_id = NULL,
+    lease_expires_at = NULL,
+    updated_at = now()
+FROM unnest(
+    $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[]
+) AS u(id, status, provider, provider_message_id, due_at, attempted, last_error)
+WHERE intents.id = u.id
+  AND intents.lease_id = $1
+  AND intents.status IN ('leased', 'pending')
+"""
+
+# Give leases back unsent (shutdown): due_at and attempts stay, so they lease again at once.
+RELEASE_SQL = """
+UPDATE intents
+SET status = 'pending', lease_id = NULL, lease_expires_at = NULL, updated_at = now()
+WHERE id = ANY($2::uuid[]) AND lease_id = $1 AND status = 'leased'
+"""
+
+# Leases whose router stopped renewing them (crashed, partitioned, stuck). lease_id stays, so
+# the old router's write-back can still land until someone leases the row again. SKIP LOCKED
+# lets several routers reclaim side by side, and keeps them off rows a router is completing.
+RECLAIM_EXPIRED_SQL = """
+UPDATE intents
+SET status = 'pending', lease_expires_at = NULL, updated_at = now()
+WHERE id = ANY(ARRAY(
+    SELECT id FROM intents
+    WHERE status = 'leased' AND lease_expires_at < now()
+    ORDER BY lease_expires_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+))
+"""
+
+# Counts by (status, kind, provider) read the whole table (or campaign): they are for
+# operators and dashboards, not for a router's hot loop. The due figures use the partial
+# pending index.
+# Sorted in lifecycle (enum) order, not alphabetically.
+_COUNTS = """
+SELECT intents.status::text AS status, intents.kind::text AS kind, intents.provider,
+       count(*) AS n
+FROM intents {where}
+GROUP BY intents.status, intents.kind, intents.provider
+ORDER BY intents.status, intents.kind, intents.provider NULLS FIRST
+"""
+QUEUE_COUNTS_SQL = _COUNTS.format(where="")
+CAMPAIGN_QUEUE_COUNTS_SQL = _COUNTS.format(where="WHERE campaign_id = $1")
+QUEUE_DUE_SQL = """
+SELECT count(*) AS due,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(due_at)), 0)::float8 AS oldest
+FROM intents WHERE status = 'pending' AND due_at <= now()
+"""
+CAMPAIGN_QUEUE_DUE_SQL = """
+SELECT count(*) AS due,
+       COALESCE(EXTRACT(EPOCH FROM now() - min(due_at)), 0)::float8 AS oldest
+FROM intents WHERE status = 'pending' AND due_at <= now() AND campaign_id = $1
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedIntent:
+    """An intent this router now holds; it must complete or release it before expiry."""
+
+    id: UUID
+    recipient: str
+    kind: str
+    template_id: str
+    variables: dict[str, str]
+    deadline: datetime
+    attempts: int
+    idempotency_key: str
+    traceparent: str | None
+    campaign_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The outcome of one leased intent, written back by :func:`complete`.
+
+    - ``sent``: a provider accepted it (``provider``, ``provider_message_id``).
+    - ``pending``: try again at ``due_at`` (throttled: ``attempted=False``; transient
+      failure: ``attempted=True``). ``due_at=None`` keeps the current due time (due now).
+    - ``failed``: permanent failure or attempts exhausted.
+    - ``expired``: its deadline passed before it could be sent.
+
+    ``attempted`` adds one to ``attempts``; ``last_error`` replaces the stored one when set.
+    ``provider`` and ``provider_message_id`` replace the stored ones when set.
+    """
+
+    intent_id: UUID
+    status: str
+    provider: str | None = None
+    provider_message_id: str | None = None
+    due_at: datetime | None = None
+    attempted: bool = False
+    last_error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Intent counts, and the due backlog.
+
+    ``counts``: ``(status, kind, provider or None, count)`` in lifecycle order.
+    ``due``: pending intents whose due time has come. ``oldest_due_age_seconds``: how long
+    the oldest of those has been waiting (0 when none is due).
+    """
+
+    counts: list[tuple[str, str, str | None, int]]
+    due: int
+    oldest_due_age_seconds: float
+
+
+def _variables(value: Any) -> dict[str, str]:
+    # The pool's codec decodes jsonb to dict; a bare connection without it yields text.
+    if isinstance(value, str):
+        value = json.loads(value)
+    return {str(k): str(v) for k, v in value.items()}
+
+
+def _leased(rec: asyncpg.Record) -> LeasedIntent:
+    return LeasedIntent(
+        id=rec["id"],
+        recipient=rec["recipient"],
+        kind=rec["kind"],
+        template_id=rec["template_id"],
+        variables=_variables(rec["variables"]),
+        deadline=rec["deadline"],
+        attempts=rec["attempts"],
+        idempotency_key=rec["idempotency_key"],
+        traceparent=rec["traceparent"],
+        campaign_id=rec["campaign_id"],
+    )
+
+
+async def lease(
+    pool: Executor, *, lease_id: UUID, limit: int, lease_seconds: float
+) -> list[LeasedIntent]:
+    """Lease up to ``limit`` due pending intents, lowest priority value then oldest due first.
+
+    The rows become ``leased`` under ``lease_id`` until ``now() + lease_seconds``. Use a new
+    ``lease_id`` per call. Two concurrent callers never get the same intent; a caller may get
+    fewer than ``limit`` while others hold locks. Rows come back in no particular order.
+    """
+    if limit <= 0:
+        return []
+    records = await pool.fetch(LEASE_SQL, lease_id, limit, float(lease_seconds))
+    return [_leased(rec) for rec in records]
+
+
+async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Completion]) -> int:
+    """Write the results of a lease back in one statement; return how many rows took them.
+
+    A result is dropped (and not counted) when its intent no longer carries ``lease_id``,
+    i.e. another router leased it after this lease expired, or this lease's result for it
+    was already written. Raises ValueError for an unknown status or an intent listed twice
+    (PostgreSQL would apply only one of the two, silently).
+    """
+    if not completions:
+        return 0
+    seen: set[UUID] = set()
+    for c in completions:
+        if c.status not in COMPLETION_STATUSES:
+            raise ValueError(f"completion status {c.status!r} is not one of {COMPLETION_STATUSES}")
+        if c.intent_id in seen:
+            raise ValueError(f"intent {c.intent_id} is completed twice in one batch")
+        seen.add(c.intent_id)
+    status = await pool.execute(
+        COMPLETE_SQL,
+        lease_id,
+        [c.intent_id for c in completions],
+        [c.status for c in completions],
+        [c.provider for c in completions],
+        [c.provider_message_id for c in completions],
+        [c.due_at for c in completions],
+        [c.attempted for c in completions],
+        [c.last_error for c in completions],
+    )
+    return rows_affected(status)
+
+
+async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int:
+    """Give leased intents back unsent (e.g. on shutdown); return how many were released.
+
+    They become pending with due time and attempts unchanged, so any router leases them
+    again at once. Intents no longer under ``lease_id`` are left alone.
+    """
+    id_list = list(ids)
+    if not id_list:
+        return 0
+    return rows_affected(await pool.execute(RELEASE_SQL, lease_id, id_list))
+
+
+async def reclaim_expired(pool: Executor, *, limit: int = 1000) -> int:
+    """Turn up to ``limit`` leases that ran out back into pending intents; return the count.
+
+    Attempts are unchanged (an expired lease is not evidence of a send). ``lease_id`` is
+    kept, so the late result of the lapsed lease still lands unless the intent is leased
+    again first.
+    """
+    if limit <= 0:
+        return 0
+    return rows_affected(await pool.execute(RECLAIM_EXPIRED_SQL, limit))
+
+
+async def queue_stats(pool: Executor, campaign_id: str | None = None) -> QueueStats:
+    """Counts by (status, kind, provider) and the due backlog, for one campaign or all.
+
+    Reads every row of the scope for the counts: meant for operators, not a hot loop.
+    """
+    if campaign_id is None:
+        counts = await pool.fetch(QUEUE_COUNTS_SQL)
+        due = await pool.fetchrow(QUEUE_DUE_SQL)
+    else:
+        counts = await pool.fetch(CAMPAIGN_QUEUE_COUNTS_SQL, campaign_id)
+        due = await pool.fetchrow(CAMPAIGN_QUEUE_DUE_SQL, campaign_id)
+    assert due is not None, "an aggregate without GROUP BY always returns a row"
+    return QueueStats(
+        counts=[(r["status"], r["kind"], r["provider"], int(r["n"])) for r in counts],
+        due=int(due["due"]),
+        oldest_due_age_seconds=max(0.0, float(due["oldest"])),
+    )

@@ -1,0 +1,350 @@
+"""Routing decisions: which provider sends each intent, how leased intents become SendBatch
+batches, and how each send result becomes the intent's next state. Pure logic, no I/O.
+
+Provider choice (promise 6, foundation form): the cheapest enabled provider that serves the
+intent's kind, ties broken by name. A provider the health tracker marks DEGRADED is skipped
+when a healthy compatible one exists (simple failover), and used anyway when it is the only
+choice: sending through a struggling provider beats not sending.
+
+Every leased intent gets exactly one :class:`~sluice.router.repository.Completion`: an intent
+no provider can send fails on its own, never taking the rest of its batch down with an
+exception (one of the seed's defects).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Protocol
+
+from sluice.common.model import PRIORITY
+from sluice.common.providers import INTENT_KINDS, ProviderConfig
+from sluice.router.repository import Completion, LeasedIntent
+from sluice.v1 import sender_pb2
+
+__all__ = [
+    "MAX_MESSAGES_PER_SEND_BATCH",
+    "PlannedBatch",
+    "ProviderChooser",
+    "RetryPolicy",
+    "RoutePlan",
+    "plan_routes",
+    "resolve_batch",
+    "resolve_batch_failure",
+    "resolve_result",
+]
+
+# The router's cap per SendBatch call. The sender splits a call into provider-sized batches
+# itself; this only bounds one gRPC message and one sender's share of a lease.
+MAX_MESSAGES_PER_SEND_BATCH = 500
+
+# Without a retry-after from the sender, a throttled intent still waits this long, so a
+# sender bug cannot make the router spin on the same rows.
+MIN_THROTTLE_DELAY_SECONDS = 0.1
+
+EXPIRED_ERROR = "deadline passed before it could be sent"
+_MAX_EXPONENT = 64  # 2**64 * any sane base is far above any retry_max: no float overflow
+
+
+class _Settings(Protocol):
+    @property
+    def max_attempts(self) -> int: ...
+    @property
+    def retry_base_seconds(self) -> float: ...
+    @property
+    def retry_max_seconds(self) -> float: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """When a failed intent is tried again, and when it stops being tried.
+
+    ``max_attempts`` counts attempts that reached a provider (throttling is not one).
+    ``throttle_jitter`` spreads throttled retries over ``retry_after * (1 + U(0, jitter))``
+    so a throttled lease does not come back as one thundering herd.
+    """
+
+    max_attempts: int = 5
+    base_seconds: float = 2.0
+    max_seconds: float = 600.0
+    throttle_jitter: float = 0.1
+
+    @classmethod
+    def from_settings(cls, settings: _Settings) -> RetryPolicy:
+        """The policy the settings describe."""
+        return cls(
+            max_attempts=settings.max_attempts,
+            base_seconds=settings.retry_base_seconds,
+            max_seconds=settings.retry_max_seconds,
+        )
+
+    def backoff(self, attempt: int, rng: random.Random) -> float:
+        """Full-jitter delay before retry number ``attempt`` (0 for the first retry):
+        ``U(0, min(max_seconds, base_seconds * 2**attempt))``."""
+        exponent = min(max(attempt, 0), _MAX_EXPONENT)
+        ceiling = min(self.max_seconds, self.base_seconds * float(2**exponent))
+        return rng.uniform(0.0, max(ceiling, 0.0))
+
+    def throttle_delay(self, retry_after: float, rng: random.Random) -> float:
+        """Delay for a throttled intent: the sender's retry-after plus 0-10 % jitter."""
+        base = max(retry_after, MIN_THROTTLE_DELAY_SECONDS)
+        return base * (1.0 + rng.uniform(0.0, self.throttle_jitter))
+
+
+class ProviderChooser:
+    """Candidate providers per intent kind, cheapest first, precomputed once per provider set."""
+
+    def __init__(self, providers: Iterable[ProviderConfig]) -> None:
+        self.providers: tuple[ProviderConfig, ...] = tuple(providers)
+        ordered = sorted(
+            (p for p in self.providers if p.enabled), key=lambda p: (p.cost_per_thousand, p.name)
+        )
+        self._candidates: dict[str, tuple[ProviderConfig, ...]] = {
+            kind: tuple(p for p in ordered if kind in p.intents) for kind in INTENT_KINDS
+        }
+
+    def candidates(self, kind: str) -> tuple[ProviderConfig, ...]:
+        """Enabled providers serving ``kind``, cheapest first (ties by name)."""
+        return self._candidates.get(kind, ())
+
+    def choose(self, kind: str, degraded: frozenset[str] = frozenset()) -> ProviderConfig | None:
+        """The provider for an intent of ``kind``, or None when no enabled one serves it."""
+        candidates = self._candidates.get(kind, ())
+        if not candidates:
+            return None
+        if degraded:
+            for provider in candidates:
+                if provider.name not in degraded:
+                    return provider
+        return candidates[0]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedBatch:
+    """One SendBatch call to make: one provider, one template, up to 500 intents."""
+
+    provider: str
+    template_id: str
+    intents: tuple[LeasedIntent, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePlan:
+    """A lease, routed: batches to send, and the intents already decided without sending."""
+
+    batches: tuple[PlannedBatch, ...]
+    decided: tuple[Completion, ...]
+
+
+def no_provider_error(kind: str) -> str:
+    """The last_error of an intent no enabled provider supports."""
+    return f"no enabled provider supports intent {kind}"
+
+
+def plan_routes(
+    intents: Iterable[LeasedIntent],
+    chooser: ProviderChooser,
+    *,
+    now: datetime,
+    degraded: frozenset[str] = frozenset(),
+    max_messages: int = MAX_MESSAGES_PER_SEND_BATCH,
+) -> RoutePlan:
+    """Routes one lease.
+
+    Intents past their deadline become ``expired`` and intents no provider can take become
+    ``failed``; the rest are grouped per (provider, template) in priority order and chunked
+    at ``max_messages``. Each input intent appears exactly once in the result.
+    """
+    if max_messages < 1:
+        raise ValueError("max_messages must be at least 1")
+    decided: list[Completion] = []
+    groups: dict[tuple[str, str], list[LeasedIntent]] = {}
+    # Choice depends only on the kind: decide once per kind, not once per intent.
+    choice: dict[str, ProviderConfig | None] = {}
+    # The lease returns rows in no particular order; urgent kinds go into the first batches.
+    for intent in sorted(intents, key=lambda i: PRIORITY.get(i.kind, len(PRIORITY))):
+        if intent.deadline <= now:
+            decided.append(
+                Completion(intent_id=intent.id, status="expired", last_error=EXPIRED_ERROR)
+            )
+            continue
+        if intent.kind in choice:
+            provider = choice[intent.kind]
+        else:
+            provider = choice[intent.kind] = chooser.choose(intent.kind, degraded)
+        if provider is None:
+            decided.append(
+                Completion(
+                    intent_id=intent.id, status="failed", last_error=no_provider_error(intent.kind)
+                )
+            )
+            continue
+        groups.setdefault((provider.name, intent.template_id), []).append(intent)
+    batches = [
+        PlannedBatch(
+            provider=name, template_id=template, intents=tuple(group[i : i + max_messages])
+        )
+        for (name, template), group in groups.items()
+        for i in range(0, len(group), max_messages)
+    ]
+    return RoutePlan(batches=tuple(batches), decided=tuple(decided))
+
+
+def _duration_seconds(result: sender_pb2.SendResult) -> float:
+    if not result.HasField("retry_after"):
+        return 0.0
+    return result.retry_after.seconds + result.retry_after.nanos / 1e9
+
+
+def _transient(
+    intent: LeasedIntent,
+    provider: str,
+    reason: str,
+    *,
+    retry_after: float,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> Completion:
+    if intent.attempts + 1 >= policy.max_attempts:
+        return Completion(
+            intent_id=intent.id,
+            status="failed",
+            provider=provider,
+            attempted=True,
+            last_error=f"attempts exhausted ({intent.attempts + 1}): {reason}",
+        )
+    delay = max(policy.backoff(intent.attempts, rng), retry_after)
+    return Completion(
+        intent_id=intent.id,
+        status="pending",
+        provider=provider,
+        due_at=now + timedelta(seconds=delay),
+        attempted=True,
+        last_error=reason,
+    )
+
+
+def resolve_result(
+    intent: LeasedIntent,
+    provider: str,
+    result: sender_pb2.SendResult | None,
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> Completion:
+    """The next state of ``intent`` after the sender answered ``result`` for it.
+
+    ``None`` (the sender gave no result for it) counts as a transient failure: the message
+    may have reached the provider, so it is an attempt.
+    """
+    if result is None:
+        return _transient(
+            intent,
+            provider,
+            "sender returned no result for this message",
+            retry_after=0.0,
+            now=now,
+            policy=policy,
+            rng=rng,
+        )
+    outcome = result.outcome
+    if outcome == sender_pb2.SEND_OUTCOME_ACCEPTED:
+        return Completion(
+            intent_id=intent.id,
+            status="sent",
+            provider=provider,
+            provider_message_id=result.provider_message_id or None,
+            attempted=True,
+        )
+    if outcome == sender_pb2.SEND_OUTCOME_THROTTLED:
+        # Not an attempt: the rate limiter kept it from the provider.
+        delay = policy.throttle_delay(_duration_seconds(result), rng)
+        return Completion(
+            intent_id=intent.id,
+            status="pending",
+            provider=provider,
+            due_at=now + timedelta(seconds=delay),
+            attempted=False,
+        )
+    if outcome == sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE:
+        return Completion(
+            intent_id=intent.id,
+            status="failed",
+            provider=provider,
+            attempted=True,
+            last_error=result.reason or "permanent failure",
+        )
+    reason = result.reason or (
+        "transient failure"
+        if outcome == sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE
+        else f"sender returned outcome {outcome}"
+    )
+    return _transient(
+        intent,
+        provider,
+        reason,
+        retry_after=_duration_seconds(result),
+        now=now,
+        policy=policy,
+        rng=rng,
+    )
+
+
+def resolve_batch(
+    batch: PlannedBatch,
+    results: Sequence[sender_pb2.SendResult],
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+) -> list[Completion]:
+    """One completion per intent of ``batch`` from the sender's results.
+
+    Results are matched by intent id, so a sender that answers out of order, twice, or not
+    at all for a message cannot attach an outcome to the wrong intent.
+    """
+    by_id: Mapping[str, sender_pb2.SendResult] = {r.intent_id: r for r in results}
+    return [
+        resolve_result(i, batch.provider, by_id.get(str(i.id)), now=now, policy=policy, rng=rng)
+        for i in batch.intents
+    ]
+
+
+def resolve_batch_failure(
+    batch: PlannedBatch,
+    reason: str,
+    *,
+    now: datetime,
+    policy: RetryPolicy,
+    rng: random.Random,
+    reached_provider: bool = True,
+) -> list[Completion]:
+    """Completions for a SendBatch call that failed as a whole (timeout, sender down).
+
+    When the call may have reached the provider (a timeout, an internal error) each
+    message counts as a transient failed attempt, which keeps a persistently failing path
+    from retrying forever. When it cannot have (``UNAVAILABLE``: the sender was unreachable
+    or refused before sending), the intent is retried with backoff without spending an
+    attempt, so a sender outage never turns into permanent failures; the deadline still
+    bounds how long it waits.
+    """
+    if not reached_provider:
+        return [
+            Completion(
+                intent_id=i.id,
+                status="pending",
+                provider=batch.provider,
+                due_at=now + timedelta(seconds=policy.backoff(i.attempts, rng)),
+                attempted=False,
+                last_error=reason,
+            )
+            for i in batch.intents
+        ]
+    return [
+        _transient(i, batch.provider, reason, retry_after=0.0, now=now, policy=policy, rng=rng)
+        for i in batch.intents
+    ]
