@@ -1,17 +1,117 @@
 """Shared fixtures: real Redis with a key prefix per test, real PostgreSQL with a database
-per test cloned from a migrated template."""
+per test cloned from a migrated template.
+
+Where the servers come from: ``SLUICE_TEST_PG_ADMIN_DSN`` / ``SLUICE_TEST_REDIS_URL`` when
+set; else the machine's own on 127.0.0.1:5432 / 6379 when they answer (and
+``SLUICE_TEST_EMBEDDED`` is not 1); else throwaway ones started for this session by
+:mod:`sluice.cli.embedded` (the same code ``sluice dev`` uses), so the suite runs on a fresh
+machine with nothing listening.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import socket
+import tempfile
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
 import redis.asyncio as aioredis
+
+
+def _answers(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class _EmbeddedServers(threading.Thread):
+    """Throwaway PostgreSQL and/or Redis for this session, run on their own event loop."""
+
+    def __init__(self, postgres: bool, redis: bool) -> None:
+        super().__init__(name="embedded-test-servers", daemon=True)
+        self.want_postgres, self.want_redis = postgres, redis
+        self.pg_admin_dsn = self.redis_url = ""
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_event: asyncio.Event | None = None
+
+    def run(self) -> None:
+        asyncio.run(self._main())
+
+    async def _main(self) -> None:
+        from sluice.cli.embedded import embedded_postgres, embedded_redis
+
+        self._loop, self._stop_event = asyncio.get_running_loop(), asyncio.Event()
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="sluice-test-")))
+                if self.want_postgres:
+                    dsn = await stack.enter_async_context(embedded_postgres(root, log=print))
+                    self.pg_admin_dsn = urlunsplit(urlsplit(dsn)._replace(path="/postgres"))
+                if self.want_redis:
+                    self.redis_url = await stack.enter_async_context(
+                        embedded_redis(root, log=print)
+                    )
+                self.ready.set()
+                await self._stop_event.wait()
+        except BaseException as exc:
+            self.error = exc
+            self.ready.set()
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop_event is not None:
+            self._loop.call_soon_threadsafe(self._stop_event.set)
+        self.join(timeout=60)
+
+
+_embedded: _EmbeddedServers | None = None
+
+
+def _ensure_servers() -> None:
+    # Runs at import, before the constants below are read. The chosen URLs go into the
+    # environment, so a second import of this module (tests import REDIS_URL from it) and
+    # the service processes that tests start see the same servers.
+    # SLUICE_TEST_EMBEDDED=1 uses throwaway servers even when the machine's answer.
+    global _embedded
+    force = os.environ.get("SLUICE_TEST_EMBEDDED") == "1"
+    need_pg = "SLUICE_TEST_PG_ADMIN_DSN" not in os.environ and (
+        force or not _answers("127.0.0.1", 5432)
+    )
+    need_redis = "SLUICE_TEST_REDIS_URL" not in os.environ and (
+        force or not _answers("127.0.0.1", 6379)
+    )
+    if not (need_pg or need_redis):
+        return
+    _embedded = _EmbeddedServers(need_pg, need_redis)
+    _embedded.start()
+    _embedded.ready.wait(timeout=300)
+    if _embedded.error is not None or not _embedded.ready.is_set():
+        raise RuntimeError(
+            "no PostgreSQL/Redis on 127.0.0.1 and the throwaway ones did not start"
+        ) from _embedded.error
+    if need_pg:
+        os.environ["SLUICE_TEST_PG_ADMIN_DSN"] = _embedded.pg_admin_dsn
+    if need_redis:
+        os.environ["SLUICE_TEST_REDIS_URL"] = _embedded.redis_url
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if _embedded is not None:
+        _embedded.stop()
+
+
+_ensure_servers()
 
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
