@@ -16,8 +16,13 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
-from sluice.cli import embedded
-from sluice.cli.embedded import embedded_postgres, embedded_redis, find_free_port
+from sluice.cli.embedded import (
+    _binaries,
+    _process,
+    embedded_postgres,
+    embedded_redis,
+    find_free_port,
+)
 from sluice.common.errors import ConfigError
 
 pytestmark = pytest.mark.slow  # each PostgreSQL start runs initdb (about a second)
@@ -161,7 +166,7 @@ async def test_missing_binaries_say_what_to_install(
     # Not root (so no apt-get), nothing on PATH, no Debian PostgreSQL folder.
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setattr(embedded, "PG_LIB_ROOT", tmp_path / "nothing")
+    monkeypatch.setattr(_binaries, "PG_LIB_ROOT", tmp_path / "nothing")
     with pytest.raises(ConfigError) as info:
         async with factory(tmp_path / "state", log=lambda _: None):
             pytest.fail("started without binaries")
@@ -177,7 +182,7 @@ async def test_missing_binaries_are_installed_with_apt_get(
 ) -> None:
     # A fake apt-get that "installs" by linking the machine's real binaries into a bin
     # folder that is all of PATH.
-    found = embedded._postgres_binaries()
+    found = _binaries._postgres_binaries()
     redis_server = shutil.which("redis-server")
     assert found is not None
     assert redis_server is not None
@@ -190,8 +195,8 @@ async def test_missing_binaries_are_installed_with_apt_get(
     )
     (bin_dir / "apt-get").chmod(0o755)
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setattr(embedded, "PG_LIB_ROOT", tmp_path / "nothing")
-    monkeypatch.setattr(embedded, "_apt_updated", False)
+    monkeypatch.setattr(_binaries, "PG_LIB_ROOT", tmp_path / "nothing")
+    monkeypatch.setattr(_binaries, "_apt_updated", False)
     factory = embedded_postgres if package == "postgresql" else embedded_redis
     lines: list[str] = []
     async with factory(tmp_path / "state", log=lines.append) as url:
@@ -211,7 +216,7 @@ async def test_a_port_taken_meanwhile_is_retried(
         busy.listen()
         busy_port = busy.getsockname()[1]
         ports = iter([busy_port, find_free_port()])
-        monkeypatch.setattr(embedded, "find_free_port", lambda: next(ports))
+        monkeypatch.setattr(_process, "find_free_port", lambda: next(ports))
         lines: list[str] = []
         async with embedded_redis(tmp_path, log=lines.append) as url:
             assert not url.startswith(f"redis://127.0.0.1:{busy_port}/")

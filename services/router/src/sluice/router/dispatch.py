@@ -26,8 +26,7 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
@@ -40,7 +39,6 @@ from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
 from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry, context_from_traceparent, current_traceparent
-from sluice.common.templates import TemplateRow, get_templates
 from sluice.router import repository
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.repository import Completion, LeasedIntent
@@ -52,6 +50,9 @@ from sluice.router.routing import (
     resolve_batch,
     resolve_batch_failure,
 )
+from sluice.router.stats import DispatchStats, RoundResult
+from sluice.router.template_cache import TemplateCache
+from sluice.router.tracing import _batch_link, _end_route_span
 from sluice.v1 import sender_pb2
 
 if TYPE_CHECKING:
@@ -69,7 +70,6 @@ ERROR_PAUSE_CAP_SECONDS = 30.0
 # Reclaim in chunks so one statement never locks a huge number of rows.
 RECLAIM_CHUNK = 1000
 RELEASE_TIMEOUT_SECONDS = 5.0
-TEMPLATE_TTL_SECONDS = 10.0
 
 # Database errors worth retrying the write-back for: the connection, not the statement.
 _RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
@@ -80,90 +80,6 @@ _RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     Unavailable,
 )
-
-
-@dataclass(frozen=True, slots=True)
-class RoundResult:
-    """What one round did. ``throttle_pause`` is the earliest retry-after among throttled
-    intents (seconds), or None when nothing was throttled."""
-
-    leased: int = 0
-    sent: int = 0
-    throttled: int = 0
-    retrying: int = 0
-    failed: int = 0
-    expired: int = 0
-    written: int = 0
-    throttle_pause: float | None = None
-
-
-@dataclass
-class DispatchStats:
-    """Running totals of this dispatcher since it was built (for logs, tests, the demo)."""
-
-    rounds: int = 0
-    leased: int = 0
-    sent: Counter[str] = field(default_factory=Counter)
-    throttled: Counter[str] = field(default_factory=Counter)
-    retrying: Counter[str] = field(default_factory=Counter)
-    failed_by_provider: Counter[str] = field(default_factory=Counter)
-    failed: int = 0
-    expired: int = 0
-    batch_errors: int = 0
-    results_dropped: int = 0
-    released: int = 0
-    reclaimed: int = 0
-    round_errors: int = 0
-
-
-class TemplateCache:
-    """Template content by id, kept ``ttl`` seconds; missing ids load in one query.
-
-    An edited template reaches sends within ``ttl``. A template that does not exist is not
-    cached, so creating it later takes effect on the next round.
-    """
-
-    def __init__(
-        self,
-        pool: Executor,
-        *,
-        ttl: float = TEMPLATE_TTL_SECONDS,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self._pool = pool
-        self._ttl = ttl
-        self._clock = clock
-        self._entries: dict[str, tuple[float, sender_pb2.TemplateContent]] = {}
-
-    async def get_many(self, ids: Iterable[str]) -> dict[str, sender_pb2.TemplateContent]:
-        """The templates among ``ids`` that exist, as SendBatch content."""
-        now = self._clock()
-        found: dict[str, sender_pb2.TemplateContent] = {}
-        missing: list[str] = []
-        for template_id in set(ids):
-            entry = self._entries.get(template_id)
-            if entry is not None and now - entry[0] < self._ttl:
-                found[template_id] = entry[1]
-            else:
-                missing.append(template_id)
-        if missing:
-            for template_id, row in (await get_templates(self._pool, missing)).items():
-                content = _template_content(row)
-                self._entries[template_id] = (now, content)
-                found[template_id] = content
-        return found
-
-
-def _template_content(row: TemplateRow) -> sender_pb2.TemplateContent:
-    return sender_pb2.TemplateContent(
-        id=row.id,
-        version=row.version,
-        subject=row.subject,
-        html_body=row.html_body,
-        text_body=row.text_body,
-        variables=list(row.variables),
-        from_address=row.from_address,
-    )
 
 
 class Dispatcher:
@@ -581,17 +497,3 @@ def _message(intent: LeasedIntent, traceparent: str) -> sender_pb2.OutboundMessa
         idempotency_key=intent_id,
         traceparent=traceparent,
     )
-
-
-def _batch_link() -> list[trace.Link]:
-    current = trace.get_current_span().get_span_context()
-    return [trace.Link(current)] if current.is_valid else []
-
-
-def _end_route_span(span: trace.Span, completion: Completion) -> None:
-    span.set_attribute("sluice.status", completion.status)
-    if completion.provider_message_id:
-        span.set_attribute("sluice.provider_message_id", completion.provider_message_id)
-    if completion.status in ("failed", "expired"):
-        span.set_status(trace.Status(trace.StatusCode.ERROR, completion.last_error or ""))
-    span.end()

@@ -1,0 +1,42 @@
+"""What the dispatcher counts: one round's result and the running totals."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+__all__ = ["DispatchStats", "RoundResult"]
+
+
+@dataclass(frozen=True, slots=True)
+class RoundResult:
+    """What one round did. ``throttle_pause`` is the earliest retry-after among throttled
+    intents (seconds), or None when nothing was throttled."""
+
+    leased: int = 0
+    sent: int = 0
+    throttled: int = 0
+    retrying: int = 0
+    failed: int = 0
+    expired: int = 0
+    written: int = 0
+    throttle_pause: float | None = None
+
+
+@dataclass
+class DispatchStats:
+    """Running totals of this dispatcher since it was built (for logs, tests, the demo)."""
+
+    rounds: int = 0
+    leased: int = 0
+    sent: Counter[str] = field(default_factory=Counter)
+    throttled: Counter[str] = field(default_factory=Counter)
+    retrying: Counter[str] = field(default_factory=Counter)
+    failed_by_provider: Counter[str] = field(default_factory=Counter)
+    failed: int = 0
+    expired: int = 0
+    batch_errors: int = 0
+    results_dropped: int = 0
+    released: int = 0
+    reclaimed: int = 0
+    round_errors: int = 0
