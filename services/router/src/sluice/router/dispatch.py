@@ -46,9 +46,11 @@ from sluice.router.routing import (
     PlannedBatch,
     ProviderChooser,
     RetryPolicy,
+    ThrottlePacer,
     plan_routes,
     resolve_batch,
     resolve_batch_failure,
+    retry_after_seconds,
 )
 from sluice.router.stats import DispatchStats, RoundResult
 from sluice.router.template_cache import TemplateCache
@@ -62,8 +64,8 @@ __all__ = ["DispatchStats", "Dispatcher", "RoundResult", "TemplateCache"]
 
 log = logging.getLogger("sluice.router.dispatch")
 
-# After a round in which everything was throttled, wait for the earliest retry-after, but
-# never longer than this: other intents (other providers) may be due meanwhile.
+# After a round in which everything was throttled, wait for the sender's shortest
+# retry-after, but never longer than this: other intents (other providers) may be due.
 THROTTLE_PAUSE_CAP_SECONDS = 5.0
 # Back-off of a worker whose round failed (database down): idle_sleep * 2**n, capped.
 ERROR_PAUSE_CAP_SECONDS = 30.0
@@ -112,6 +114,9 @@ class Dispatcher:
         self._tracing = telemetry.enabled
         self._templates = templates if templates is not None else TemplateCache(pool)
         self._policy = RetryPolicy.from_settings(settings)
+        self._pacer = ThrottlePacer(
+            {p.name: p.sustained_rate for p in providers}, max_spread=settings.retry_max_seconds
+        )
         self._rng = rng if rng is not None else random.Random()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -238,6 +243,7 @@ class Dispatcher:
         if not leased:
             return RoundResult()
         started = time.perf_counter()
+        throttle = _RoundThrottle()
         self._held[lease_id] = [i.id for i in leased]
         try:
             if self._tracing:
@@ -245,9 +251,9 @@ class Dispatcher:
                     "sluice.dispatch",
                     attributes={"sluice.lease_id": str(lease_id), "sluice.leased": len(leased)},
                 ):
-                    completions = await self._route_and_send(lease_id, leased)
+                    completions = await self._route_and_send(lease_id, leased, throttle)
             else:
-                completions = await self._route_and_send(lease_id, leased)
+                completions = await self._route_and_send(lease_id, leased, throttle)
         except asyncio.CancelledError:
             raise  # stop() releases what is still in _held
         except Exception:
@@ -265,7 +271,7 @@ class Dispatcher:
             self._held.pop(lease_id, None)
             raise
         self._held.pop(lease_id, None)
-        result = self._account(leased, completions, written)
+        result = self._account(leased, completions, written, throttle.seconds)
         log.debug(
             "round leased=%d sent=%d throttled=%d retrying=%d failed=%d expired=%d "
             "written=%d in %.1f ms",
@@ -288,7 +294,7 @@ class Dispatcher:
             log.exception("could not release %d leased intents after a failed round", len(ids))
 
     async def _route_and_send(
-        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent]
+        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], throttle: _RoundThrottle
     ) -> list[Completion]:
         plan = plan_routes(
             leased, self._chooser, now=datetime.now(UTC), degraded=self.health.degraded()
@@ -311,13 +317,17 @@ class Dispatcher:
                     for i in batch.intents
                 )
                 continue
-            calls.append(self._send(batch, template, f"{lease_id.hex[:12]}-{n}"))
+            calls.append(self._send(batch, template, f"{lease_id.hex[:12]}-{n}", throttle))
         for batch_completions in await asyncio.gather(*calls):
             completions.extend(batch_completions)
         return completions
 
     async def _send(
-        self, batch: PlannedBatch, template: sender_pb2.TemplateContent, request_id: str
+        self,
+        batch: PlannedBatch,
+        template: sender_pb2.TemplateContent,
+        request_id: str,
+        throttle: _RoundThrottle,
     ) -> list[Completion]:
         spans: list[trace.Span] = []
         if self._tracing:
@@ -355,8 +365,14 @@ class Dispatcher:
         now = datetime.now(UTC)
         if error is None:
             completions = resolve_batch(
-                batch, response.results, now=now, policy=self._policy, rng=self._rng
+                batch,
+                response.results,
+                now=now,
+                policy=self._policy,
+                rng=self._rng,
+                pacer=self._pacer,
             )
+            throttle.note(response.results)
             self._record_health(batch, response.results)
         else:
             self.stats.batch_errors += 1
@@ -436,13 +452,16 @@ class Dispatcher:
                 delay = min(delay * 2, 2.0)
 
     def _account(
-        self, leased: Sequence[LeasedIntent], completions: Sequence[Completion], written: int
+        self,
+        leased: Sequence[LeasedIntent],
+        completions: Sequence[Completion],
+        written: int,
+        throttle_pause: float | None,
     ) -> RoundResult:
         stats = self.stats
         stats.rounds += 1
         stats.leased += len(leased)
         sent = throttled = retrying = failed = expired = 0
-        earliest: datetime | None = None
         for c in completions:
             if c.status == "sent":
                 sent += 1
@@ -451,8 +470,6 @@ class Dispatcher:
                 # Throttled: no attempt and no error (an unreachable sender sets an error).
                 throttled += 1
                 stats.throttled[c.provider or ""] += 1
-                if c.due_at is not None and (earliest is None or c.due_at < earliest):
-                    earliest = c.due_at
             elif c.status == "pending":
                 retrying += 1
                 stats.retrying[c.provider or ""] += 1
@@ -471,9 +488,6 @@ class Dispatcher:
                 len(completions) - written,
                 len(completions),
             )
-        pause = None
-        if earliest is not None:
-            pause = max(0.0, (earliest - datetime.now(UTC)).total_seconds())
         return RoundResult(
             leased=len(leased),
             sent=sent,
@@ -482,8 +496,26 @@ class Dispatcher:
             failed=failed,
             expired=expired,
             written=written,
-            throttle_pause=pause,
+            throttle_pause=throttle_pause,
         )
+
+
+class _RoundThrottle:
+    """The shortest retry-after the sender gave in one round (None: nothing throttled).
+
+    The pause after an all-throttled round waits for the limiter itself, not for the
+    throttled intents' own due times, which the pacer spreads far beyond it.
+    """
+
+    def __init__(self) -> None:
+        self.seconds: float | None = None
+
+    def note(self, results: Sequence[sender_pb2.SendResult]) -> None:
+        for r in results:
+            if r.outcome == sender_pb2.SEND_OUTCOME_THROTTLED:
+                wait = retry_after_seconds(r)
+                if self.seconds is None or wait < self.seconds:
+                    self.seconds = wait
 
 
 def _message(intent: LeasedIntent, traceparent: str) -> sender_pb2.OutboundMessage:

@@ -1,0 +1,145 @@
+"""Throttled intents are paced at their provider's rate instead of coming back at once.
+
+Pure tests of :class:`ThrottlePacer`, and one with the real sender and rate limiter: a
+backlog for a slow provider must not be leased and rewritten every round (the database
+churn would grow with the backlog), and pacing must not cost throughput.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import random
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, cast
+
+import asyncpg
+import grpc
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sluice.common.providers import ProviderConfig
+from sluice.common.settings import Settings
+from sluice.common.telemetry import disabled
+from sluice.router.dispatch import Dispatcher
+from sluice.router.routing import ThrottlePacer
+from sluice.sender import app as sender_app
+from sluice.v1 import sender_pb2_grpc
+from tests.conftest import REDIS_URL, InsertTemplate
+from tests.router.router_fakes import seed
+
+NOW = datetime(2030, 1, 1, tzinfo=UTC)
+
+
+def test_pacer_spaces_throttled_intents_one_slot_apart() -> None:
+    pacer = ThrottlePacer({"slow": 10.0}, max_spread=600, headroom=2.0)
+    due = [pacer.due_at("slow", NOW + timedelta(seconds=1)) for _ in range(5)]
+    assert due[0] == NOW + timedelta(seconds=1)
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(due)]
+    assert gaps == [0.05] * 4
+
+
+def test_pacer_never_schedules_before_the_retry_after_and_ignores_unlimited() -> None:
+    pacer = ThrottlePacer({"slow": 10.0, "free": 0.0}, max_spread=600)
+    pacer.due_at("slow", NOW)
+    later = NOW + timedelta(seconds=30)
+    assert pacer.due_at("slow", later) == later
+    assert pacer.due_at("free", NOW) == NOW
+    assert pacer.due_at("unknown", NOW) == NOW
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=st.floats(0.1, 1000),
+    spread=st.floats(1, 600),
+    offsets=st.lists(st.floats(0, 100), min_size=1, max_size=300),
+)
+def test_pacer_stays_within_retry_after_and_spread(
+    rate: float, spread: float, offsets: list[float]
+) -> None:
+    pacer = ThrottlePacer({"p": rate}, max_spread=spread)
+    for offset in sorted(offsets):
+        earliest = NOW + timedelta(seconds=offset)
+        due = pacer.due_at("p", earliest)
+        assert earliest <= due <= earliest + timedelta(seconds=spread)
+
+
+PROVIDER = ProviderConfig(
+    name="slow",
+    kind="sandbox",
+    cost_per_thousand=0.1,
+    sustained_rate=20,
+    burst=20,
+    intents=frozenset({"marketing"}),
+    max_batch_size=50,
+)
+PROVIDERS_TOML = """
+[[providers]]
+name = "slow"
+kind = "sandbox"
+cost_per_thousand = 0.1
+sustained_rate = 20
+burst = 20
+intents = ["marketing"]
+max_batch_size = 50
+"""
+
+
+async def test_backlog_is_not_rewritten_every_round_and_capacity_is_used(
+    pg_dsn: str,
+    pg_pool: asyncpg.Pool,
+    insert_template: InsertTemplate,
+    redis_prefix: str,
+    tmp_path: Path,
+) -> None:
+    await insert_template("welcome")
+    ids = await seed(pg_pool, [f"user{i}@example.com" for i in range(300)])
+    providers_file = tmp_path / "providers.toml"
+    providers_file.write_text(PROVIDERS_TOML)
+    sender_settings = Settings(
+        redis_url=REDIS_URL, redis_prefix=redis_prefix, providers_file=str(providers_file)
+    )
+    router_settings = Settings(
+        database_url=pg_dsn,
+        router_batch_size=500,
+        router_concurrency=2,
+        router_idle_sleep=0.02,
+        retry_max_seconds=600,
+    )
+    async with (
+        sender_app.running(sender_settings, disabled(), port=0) as handle,
+        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
+    ):
+        dispatcher = Dispatcher(
+            router_settings,
+            pg_pool,
+            cast(Any, sender_pb2_grpc.SenderServiceStub(channel)),
+            (PROVIDER,),
+            disabled(),
+            rng=random.Random(7),
+        )
+        started = time.monotonic()
+        await dispatcher.start()
+        await asyncio.sleep(3.0)
+        await dispatcher.stop(2.0)
+        elapsed = time.monotonic() - started
+    stats = dispatcher.stats
+    sent = sum(stats.sent.values())
+    # The limiter lets `burst` through per sliding window of 1.05 s (and the bucket refills
+    # 20/s, which keeps up): one full window at the start, one each time a window ends.
+    windows = int(elapsed // 1.05) + 1
+    allowed = min(PROVIDER.burst * windows, PROVIDER.burst + PROVIDER.sustained_rate * elapsed)
+    # Capacity is used: nearly all the limiter allowed went out.
+    assert sent >= 0.9 * allowed, (sent, allowed)
+    # No churn: beyond the first lease of the backlog, intents are leased about once per
+    # send. Without pacing every throttled intent comes back after ~50 ms and the backlog
+    # is leased dozens of times over (thousands of leases in 3 s).
+    assert stats.leased <= len(ids) + 2 * sent, (stats.leased, sent)
+    rows = await pg_pool.fetch("SELECT status, due_at FROM intents WHERE status = 'pending'")
+    latest = max(r["due_at"] for r in rows)
+    # The remaining backlog is spread at the provider's rate, not stacked at one instant.
+    assert latest - datetime.now(UTC) >= timedelta(seconds=len(rows) / (20 * 1.5) * 0.8)
+    assert dataclasses.is_dataclass(stats)
