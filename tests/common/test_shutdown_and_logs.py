@@ -10,7 +10,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.common.logging import JsonFormatter, redact_email
+from sluice.common.logging import ContextFilter, JsonFormatter, redact_email
 from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.sender import app
@@ -119,3 +119,28 @@ def test_redaction_keeps_domain_hides_local_part_and_is_stable() -> None:
     assert redacted == redact_email("Alice.Smith@example.com")
     assert redacted != redact_email("bob@example.com")
     assert "@" not in redact_email("no-at-sign")
+
+
+async def test_log_records_carry_the_callers_request_id(
+    tmp_path: Path, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.handler.addFilter(ContextFilter())
+    caplog.set_level(logging.INFO)
+    async with (
+        app.running(settings_for(tmp_path, redis_prefix), disabled(), port=0) as handle,
+        grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
+    ):
+        await sender_pb2_grpc.SenderServiceStub(channel).SendBatch(
+            sender_pb2.SendBatchRequest(
+                provider="slow",
+                template=TEMPLATE,
+                messages=[
+                    sender_pb2.OutboundMessage(intent_id="i1", recipient="x@fail.sandbox.example")
+                ],
+            ),
+            metadata=(("x-request-id", "req-abc123"),),
+        )
+    failures = [r for r in caplog.records if r.getMessage() == "permanent failure"]
+    assert failures
+    line = JsonFormatter().format(failures[0])
+    assert '"request_id": "req-abc123"' in line
