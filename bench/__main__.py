@@ -24,6 +24,7 @@ LEGEND = """\
   end to end: ingest → PostgreSQL → router → SendBatch → sender → unlimited sandbox → result
               written back; timed from the router's first lease until every intent is 'sent'
   ingest: SubmitIntents over gRPC, 1,000 per batch, 4 batches in flight, into an empty queue
+  unary: 5,000 SubmitIntent calls, 64 in flight from one client process (its CPU counts)
   bare pipeline: the router's lease → complete SQL in this process, no gRPC, sender or Redis
               (router batch size and concurrency); bare insert: ingest's insert_intents
   services run as separate processes (sluice serve ...), as they do in production"""
@@ -63,6 +64,12 @@ def build_table(results: Measurements, count: int, runs: int) -> Table:
             results.ingest,
             f"{median(results.ingest) / insert_base:.2f}x bare insert",
         ),
+        (
+            "ingest SubmitIntent, unary",
+            "requests/s",
+            results.unary,
+            f"{median(results.unary) / median(results.ingest):.2f}x SubmitIntents",
+        ),
         ("bare pipeline (baseline)", "emails/s", results.baseline_pipeline, "1.00x"),
         ("bare insert (baseline)", "intents/s", results.baseline_insert, "1.00x"),
     )
@@ -89,6 +96,7 @@ def save(results: Measurements, count: int, runs: int, where: dict[str, str]) ->
         **where,
         "e2e_emails_per_s": results.e2e,
         "ingest_intents_per_s": results.ingest,
+        "ingest_unary_requests_per_s": results.unary,
         "baseline_pipeline_per_s": results.baseline_pipeline,
         "baseline_insert_per_s": results.baseline_insert,
         "notes": results.notes,

@@ -57,6 +57,8 @@ from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 SUBMIT_BATCH = 1_000
 SUBMIT_IN_FLIGHT = 4  # batches in flight at once, like a few busy client processes
+UNARY_COUNT = 5_000
+UNARY_IN_FLIGHT = 64  # concurrent single-intent callers
 START_TIMEOUT = 60.0
 RUN_TIMEOUT = 600.0
 FIRST_LEASE_POLL = 0.005
@@ -101,6 +103,7 @@ class Measurements:
     """Rates (per second) per stage, one entry per run."""
 
     ingest: list[float] = field(default_factory=list)
+    unary: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
     baseline_insert: list[float] = field(default_factory=list)
     baseline_pipeline: list[float] = field(default_factory=list)
@@ -300,6 +303,34 @@ async def _submit_all(target: str, items: Sequence[intent_pb2.IntentSubmission])
         return time.perf_counter() - started
 
 
+async def _submit_unary(
+    target: str, items: Sequence[intent_pb2.IntentSubmission], in_flight: int
+) -> float:
+    """One SubmitIntent call per item, ``in_flight`` at a time; returns seconds taken.
+
+    Many clients sending one intent each is how most services will call ingest; its
+    coalescer turns concurrent calls into batched inserts.
+    """
+    queue = list(reversed(items))
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = cast(
+            "ingest_pb2_grpc.IngestServiceAsyncStub", ingest_pb2_grpc.IngestServiceStub(channel)
+        )
+
+        async def client() -> None:
+            while queue:
+                item = queue.pop()
+                answer: ingest_pb2.SubmitIntentResponse = await stub.SubmitIntent(
+                    ingest_pb2.SubmitIntentRequest(intent=item), timeout=60
+                )
+                if not answer.created:
+                    raise RuntimeError(f"{item.idempotency_key} was not created")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(in_flight)))
+        return time.perf_counter() - started
+
+
 async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[float, float]:
     """Polls until the first lease, then until nothing is pending or leased.
 
@@ -327,8 +358,9 @@ async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[flo
 
 async def e2e_run(
     servers_: Servers, count: int, workdir: Path, report: Report
-) -> tuple[float, float, str]:
-    """One end-to-end run; returns (ingest intents/s, end-to-end emails/s, cpu note)."""
+) -> tuple[float, float, float, str]:
+    """One end-to-end run; returns (ingest intents/s, end-to-end emails/s, unary ingest
+    requests/s, cpu note)."""
     providers_file = workdir / "providers.toml"
     providers_file.write_text(PROVIDERS_TOML)
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -360,23 +392,36 @@ async def e2e_run(
         seconds = await _submit_all(f"127.0.0.1:{ports['ingest']}", items)
         ingest_rate = count / seconds
         report(f"  ingest: {count:,} intents in {seconds:.2f} s = {ingest_rate:,.0f}/s")
+        # Before the router starts, like the batched phase: ingest measured alone.
+        unary_items = submissions(f"{prefix}u", UNARY_COUNT)
+        ingest_cpu = services["ingest"].cpu_seconds()
+        client_cpu = time.process_time()
+        seconds = await _submit_unary(f"127.0.0.1:{ports['ingest']}", unary_items, UNARY_IN_FLIGHT)
+        unary_rate = UNARY_COUNT / seconds
+        report(
+            f"  ingest unary: {UNARY_COUNT:,} SubmitIntent calls, {UNARY_IN_FLIGHT} in flight, "
+            f"in {seconds:.2f} s = {unary_rate:,.0f}/s (CPU s: ingest "
+            f"{services['ingest'].cpu_seconds() - ingest_cpu:.1f}, "
+            f"client {time.process_time() - client_cpu:.1f})"
+        )
+        total = count + UNARY_COUNT
 
         conn = await asyncpg.connect(dsn)
         stack.push_async_callback(conn.close)
         cpu_before = {n: s.cpu_seconds() for n, s in services.items()}
         await services["router"].start()
-        first, done = await _wait_pipeline(conn, count)
+        first, done = await _wait_pipeline(conn, total)
         cpu = {n: s.cpu_seconds() - cpu_before[n] for n, s in services.items()}
         sent = await conn.fetchval("SELECT count(*) FROM intents WHERE status = 'sent'")
-        if sent != count:
-            raise RuntimeError(f"only {sent} of {count} intents were sent")
-        e2e_rate = count / (done - first)
+        if sent != total:
+            raise RuntimeError(f"only {sent} of {total} intents were sent")
+        e2e_rate = total / (done - first)
         cpu_note = ", ".join(f"{n} {c:.1f}" for n, c in cpu.items())
         report(
-            f"  end-to-end: {count:,} sent in {done - first:.2f} s from first lease = "
+            f"  end-to-end: {total:,} sent in {done - first:.2f} s from first lease = "
             f"{e2e_rate:,.0f} emails/s (CPU s: {cpu_note})"
         )
-        return ingest_rate, e2e_rate, cpu_note
+        return ingest_rate, e2e_rate, unary_rate, cpu_note
 
 
 async def _drop_redis_keys(url: str, prefix: str) -> None:
@@ -458,8 +503,11 @@ async def measure(count: int, runs: int, report: Report) -> tuple[Measurements, 
             report(f"PostgreSQL: {servers_.postgres_label}; Redis: {servers_.redis_label}")
             for run in range(1, runs + 1):
                 report(f"run {run}/{runs}: end to end ({count:,} intents, services as processes)")
-                ingest_rate, e2e_rate, cpu_note = await e2e_run(servers_, count, workdir, report)
+                ingest_rate, e2e_rate, unary_rate, cpu_note = await e2e_run(
+                    servers_, count, workdir, report
+                )
                 results.ingest.append(ingest_rate)
+                results.unary.append(unary_rate)
                 results.e2e.append(e2e_rate)
                 results.notes.append(f"run {run} CPU s during send: {cpu_note}")
                 report(f"run {run}/{runs}: baseline (bare database pipeline, in process)")
