@@ -12,6 +12,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,3 +312,17 @@ def _remove(workdir: Path, what: str, log: Callable[[str], None]) -> None:
     shutil.rmtree(workdir, ignore_errors=True)
     if workdir.exists():
         log(f"could not remove {what} folder {workdir}")
+
+
+async def _stop_and_remove(
+    server: _Server | None, workdir: Path, what: str, log: Callable[[str], None]
+) -> None:
+    """Stops ``server`` (if it started) and removes its folder, even if stopping fails."""
+    stopping = time.monotonic()
+    try:
+        if server is not None:
+            await server.stop(log)
+    finally:
+        _remove(workdir, what, log)
+    if server is not None:
+        log(f"{what} stopped, {workdir} removed ({time.monotonic() - stopping:.1f} s)")

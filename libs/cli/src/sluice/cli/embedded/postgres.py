@@ -16,10 +16,10 @@ from sluice.cli.embedded._binaries import _find_postgres
 from sluice.cli.embedded._process import (
     _new_workdir,
     _NotReady,
-    _remove,
     _run,
     _Server,
     _start_server,
+    _stop_and_remove,
 )
 from sluice.cli.embedded._users import _server_user, _work_base
 
@@ -137,11 +137,4 @@ async def embedded_postgres(
         log(f"PostgreSQL ready at {dsn} ({time.monotonic() - started:.1f} s)")
         yield dsn
     finally:
-        stopping = time.monotonic()
-        try:
-            if server is not None:
-                await server.stop(log)
-        finally:
-            _remove(workdir, "PostgreSQL", log)
-        if server is not None:
-            log(f"PostgreSQL stopped, {workdir} removed ({time.monotonic() - stopping:.1f} s)")
+        await _stop_and_remove(server, workdir, "PostgreSQL", log)

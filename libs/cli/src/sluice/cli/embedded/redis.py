@@ -14,9 +14,9 @@ from sluice.cli.embedded._binaries import _find_redis
 from sluice.cli.embedded._process import (
     _new_workdir,
     _NotReady,
-    _remove,
     _Server,
     _start_server,
+    _stop_and_remove,
 )
 
 _logger = logging.getLogger("sluice.cli.embedded")  # one logger for the whole package
@@ -90,11 +90,4 @@ async def embedded_redis(
         log(f"Redis ready at {url} ({time.monotonic() - started:.1f} s)")
         yield url
     finally:
-        stopping = time.monotonic()
-        try:
-            if server is not None:
-                await server.stop(log)
-        finally:
-            _remove(workdir, "Redis", log)
-        if server is not None:
-            log(f"Redis stopped, {workdir} removed ({time.monotonic() - stopping:.1f} s)")
+        await _stop_and_remove(server, workdir, "Redis", log)
