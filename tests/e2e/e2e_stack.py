@@ -8,6 +8,10 @@ they stop sending before the sender goes away), waits a bounded time, kills what
 left, and fails the test when a process did not exit 0 or logged an error. Each process's
 stderr goes to a file (a pipe nobody reads would block a chatty process); the logs of every
 process are printed when anything failed, so pytest shows them with the failure.
+
+Crash tests use :meth:`Stack.kill` (SIGKILL: no shutdown code runs, and the process's exit
+is not checked on leaving) and :meth:`Stack.restart` (the same service again, on the same
+port with the same environment, so its clients reconnect to the address they know).
 """
 
 from __future__ import annotations
@@ -77,6 +81,8 @@ class ServiceProcess:
     port: int
     proc: asyncio.subprocess.Process
     log_path: Path
+    env: Mapping[str, str] = field(default_factory=dict)  # this process's own additions
+    killed: bool = False  # SIGKILLed on purpose by Stack.kill: its exit is not checked
 
     @property
     def target(self) -> str:
@@ -129,11 +135,15 @@ class Stack:
 
         ``env`` adds to (or overrides) the stack's environment for this process only.
         """
-        name = name or service
         port = find_free_port()
         # Processes started together could otherwise be handed the same just-freed port.
         while port in self.ports:
             port = find_free_port()
+        return await self._launch(service, name or service, port, env)
+
+    async def _launch(
+        self, service: str, name: str, port: int, env: Mapping[str, str]
+    ) -> ServiceProcess:
         self.ports.add(port)
         log_path = self.log_dir / f"{name}.log"
         with log_path.open("wb") as log_file:
@@ -146,10 +156,30 @@ class Stack:
                 stderr=log_file,
                 env={**self.env, PORT_ENV[service]: str(port), **env},
             )
-        started = ServiceProcess(name, service, port, proc, log_path)
+        started = ServiceProcess(name, service, port, proc, log_path, env=dict(env))
         self.processes.append(started)
         await wait_serving(started)
         return started
+
+    async def kill(self, process: ServiceProcess) -> None:
+        """SIGKILLs ``process`` (a crash: no shutdown code runs) and waits until it is gone.
+
+        Leaving the stack does not check its exit code; its log is still checked.
+        """
+        process.killed = True
+        if process.proc.returncode is None:
+            process.proc.kill()
+        await process.proc.wait()
+
+    async def restart(self, process: ServiceProcess, *, name: str = "") -> ServiceProcess:
+        """Starts ``process``'s service again on its port with its environment (after
+        :meth:`kill`, or after it exited); waits until SERVING. ``name`` defaults to the
+        old name with ``-restarted`` appended, so the old log file is kept."""
+        if process.proc.returncode is None:
+            raise RuntimeError(f"{process.name} is still running; kill it first")
+        return await self._launch(
+            process.service, name or f"{process.name}-restarted", process.port, process.env
+        )
 
     async def start_many(self, *specs: tuple[str, str, Mapping[str, str]]) -> None:
         """Starts several (service, name, env) at once; Python start-up is the slow part."""
@@ -256,8 +286,9 @@ async def service_stack(
     finally:
         # Routers first: they stop sending and give their leases back while the sender and
         # the database are still there; then everything else together.
-        routers = [p for p in stack.processes if p.service == "router"]
-        others = [p for p in stack.processes if p.service != "router"]
+        alive = [p for p in stack.processes if not p.killed]
+        routers = [p for p in alive if p.service == "router"]
+        others = [p for p in alive if p.service != "router"]
         failures = await _terminate(routers) + await _terminate(others)
         if not allow_errors:
             for p in stack.processes:

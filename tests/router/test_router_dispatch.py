@@ -432,3 +432,21 @@ async def test_a_failing_round_gives_its_lease_back_and_the_worker_carries_on(
     assert {r["status"] for r in (await rows(pg_pool, ids)).values()} == {"sent"}
     assert dispatcher.stats.round_errors == 1
     assert dispatcher.stats.released == 4  # twice the two intents, once per failed round
+
+
+async def test_workers_back_off_while_the_sender_is_unreachable(
+    pg_pool: asyncpg.Pool, template: str, fake: FakeSender, make_dispatcher: MakeDispatcher
+) -> None:
+    # Every SendBatch fails UNAVAILABLE. Without a back-off the worker leases and writes
+    # back again at once (hundreds of rounds a second, seen with a killed sender).
+    fake.abort = grpc.StatusCode.UNAVAILABLE
+    await seed(pg_pool, [f"ok{i}@example.com" for i in range(50)])
+    dispatcher = make_dispatcher(
+        router_batch_size=10, router_idle_sleep=0.02, retry_base_seconds=0.001
+    )
+    await dispatcher.start()
+    await asyncio.sleep(1.0)
+    await dispatcher.stop(1.0)
+    assert 1 <= len(fake.calls) <= 15, len(fake.calls)
+    attempts = await pg_pool.fetchval("SELECT max(attempts) FROM intents")
+    assert attempts == 0

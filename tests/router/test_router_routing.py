@@ -17,6 +17,7 @@ from sluice.router.repository import LeasedIntent
 from sluice.router.routing import (
     EXPIRED_ERROR,
     MAX_MESSAGES_PER_SEND_BATCH,
+    OutageBackoff,
     PlannedBatch,
     ProviderChooser,
     RetryPolicy,
@@ -441,3 +442,27 @@ def test_unreachable_sender_spends_no_attempt() -> None:
     [reached] = resolve_batch_failure(batch, "timeout", now=NOW, policy=POLICY, rng=rng)
     assert reached.status == "failed"
     assert reached.attempted
+
+
+def test_provider_unavailable_spends_no_attempt_and_backs_off_per_provider() -> None:
+    policy = RetryPolicy(max_attempts=3, base_seconds=1.0, max_seconds=64.0)
+    outage = OutageBackoff(policy)
+    last = intent(attempts=policy.max_attempts - 1)
+    unavailable = sender_pb2.SendResult(
+        intent_id=str(last.id),
+        outcome=sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE,
+        reason="connection refused",
+    )
+    rng = random.Random(3)
+    for _ in range(6):
+        outage.record("ses", reachable=False)
+    c = resolve_result(last, "ses", unavailable, now=NOW, policy=policy, rng=rng, outage=outage)
+    assert c.status == "pending"
+    assert not c.attempted
+    assert c.last_error == "provider unavailable: connection refused"
+    # A streak of 6 unreachable batches: the delay is drawn from U(0, min(64, 1 * 2**5)).
+    delays = [outage.delay("ses", rng) for _ in range(200)]
+    assert max(delays) > 16
+    assert max(delays) <= 32
+    outage.record("ses", reachable=True)
+    assert max(outage.delay("ses", rng) for _ in range(200)) <= 1.0

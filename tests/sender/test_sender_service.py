@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
 import redis.asyncio as aioredis
 
+from sluice.common.errors import Unavailable
+from sluice.common.providers import ProviderConfig
 from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.sender import app
 from sluice.sender.providers.sandbox import SandboxLedger
+from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.service import SenderServicer
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.conftest import REDIS_URL
 
@@ -158,3 +163,42 @@ async def test_capacity_reflects_use(stub: sender_pb2_grpc.SenderServiceStub) ->
     by_name = {p.provider: p for p in everything.providers}
     assert by_name["fast"].unlimited
     assert not by_name["slow"].unlimited
+
+
+class _Unreachable:
+    """An adapter whose provider cannot be reached: nothing is handed over."""
+
+    name = "fast"
+
+    async def send_batch(self, messages: object) -> list[object]:
+        raise Unavailable("connection refused")
+
+    async def aclose(self) -> None:
+        return None
+
+
+async def test_unreachable_provider_answers_provider_unavailable(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    # Not TRANSIENT_FAILURE: that would spend an attempt per retry and turn an outage
+    # into failed intents (found by tests/e2e/test_e2e_crashes.py with Redis killed).
+    config = ProviderConfig(
+        name="fast",
+        kind="sandbox",
+        cost_per_thousand=0.1,
+        sustained_rate=0,
+        burst=0,
+        intents=frozenset({"marketing"}),
+    )
+    servicer = SenderServicer(
+        {"fast": config},
+        {"fast": cast(Any, _Unreachable())},
+        RateLimiter(redis_client, redis_prefix),
+        disabled(),
+    )
+    reply = await servicer.SendBatch(
+        sender_pb2.SendBatchRequest(provider="fast", template=TEMPLATE, messages=messages(3)),
+        cast(Any, None),
+    )
+    assert [r.outcome for r in reply.results] == [sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE] * 3
+    assert all(r.reason == "connection refused" for r in reply.results)

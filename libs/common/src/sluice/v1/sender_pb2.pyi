@@ -35,6 +35,10 @@ class _SendOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SendOutco
     """Not sent or not accepted, may succeed later."""
     SEND_OUTCOME_PERMANENT_FAILURE: _SendOutcome.ValueType  # 4
     """Will never succeed as asked (bad address, rejected content)."""
+    SEND_OUTCOME_PROVIDER_UNAVAILABLE: _SendOutcome.ValueType  # 5
+    """Not handed to the provider: it, or what the sender needs to reach it, could not be
+    reached. Try again later; it is not an attempt, but it says the provider is unhealthy.
+    """
 
 class SendOutcome(_SendOutcome, metaclass=_SendOutcomeEnumTypeWrapper): ...
 
@@ -47,6 +51,10 @@ SEND_OUTCOME_TRANSIENT_FAILURE: SendOutcome.ValueType  # 3
 """Not sent or not accepted, may succeed later."""
 SEND_OUTCOME_PERMANENT_FAILURE: SendOutcome.ValueType  # 4
 """Will never succeed as asked (bad address, rejected content)."""
+SEND_OUTCOME_PROVIDER_UNAVAILABLE: SendOutcome.ValueType  # 5
+"""Not handed to the provider: it, or what the sender needs to reach it, could not be
+reached. Try again later; it is not an attempt, but it says the provider is unhealthy.
+"""
 Global___SendOutcome: _TypeAlias = SendOutcome  # noqa: Y015
 
 @_typing.final

@@ -43,6 +43,8 @@ from sluice.router import repository
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.repository import Completion, LeasedIntent
 from sluice.router.routing import (
+    SENDER_TARGET,
+    OutageBackoff,
     PlannedBatch,
     ProviderChooser,
     RetryPolicy,
@@ -117,6 +119,7 @@ class Dispatcher:
         self._pacer = ThrottlePacer(
             {p.name: p.sustained_rate for p in providers}, max_spread=settings.retry_max_seconds
         )
+        self._outage = OutageBackoff(self._policy)
         self._rng = rng if rng is not None else random.Random()
         self._stopping = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
@@ -187,7 +190,7 @@ class Dispatcher:
 
     async def _worker(self, number: int) -> None:
         idle = self.settings.router_idle_sleep
-        errors = 0
+        errors = outages = 0
         while not self._stopping.is_set():
             try:
                 result = await self.run_round()
@@ -199,6 +202,16 @@ class Dispatcher:
                 await self._pause(pause * self._rng.uniform(0.5, 1.0))
                 continue
             errors = 0
+            if result.batches and result.unreachable == result.batches and result.sent == 0:
+                # Nothing could be handed over (sender or provider down): back off like an
+                # error streak instead of leasing the next batch at once.
+                outages += 1
+                if outages == 1:
+                    log.warning("worker %d: nothing could be handed over; backing off", number)
+                pause = min(ERROR_PAUSE_CAP_SECONDS, max(idle, 0.05) * 2.0 ** min(outages, 16))
+                await self._pause(pause * self._rng.uniform(0.5, 1.0))
+                continue
+            outages = 0
             if result.leased == 0:
                 # Jitter keeps idle workers of many routers from polling in lockstep.
                 await self._pause(idle * self._rng.uniform(0.5, 1.5))
@@ -243,7 +256,7 @@ class Dispatcher:
         if not leased:
             return RoundResult()
         started = time.perf_counter()
-        throttle = _RoundThrottle()
+        throttle = _RoundTally()
         self._held[lease_id] = [i.id for i in leased]
         try:
             if self._tracing:
@@ -271,7 +284,9 @@ class Dispatcher:
             self._held.pop(lease_id, None)
             raise
         self._held.pop(lease_id, None)
-        result = self._account(leased, completions, written, throttle.seconds)
+        result = self._account(
+            leased, completions, written, throttle.seconds, throttle.batches, throttle.unreachable
+        )
         log.debug(
             "round leased=%d sent=%d throttled=%d retrying=%d failed=%d expired=%d "
             "written=%d in %.1f ms",
@@ -294,7 +309,7 @@ class Dispatcher:
             log.exception("could not release %d leased intents after a failed round", len(ids))
 
     async def _route_and_send(
-        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], throttle: _RoundThrottle
+        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], throttle: _RoundTally
     ) -> list[Completion]:
         plan = plan_routes(
             leased, self._chooser, now=datetime.now(UTC), degraded=self.health.degraded()
@@ -327,7 +342,7 @@ class Dispatcher:
         batch: PlannedBatch,
         template: sender_pb2.TemplateContent,
         request_id: str,
-        throttle: _RoundThrottle,
+        throttle: _RoundTally,
     ) -> list[Completion]:
         spans: list[trace.Span] = []
         if self._tracing:
@@ -363,7 +378,15 @@ class Dispatcher:
             error = f"SendBatch to {batch.provider} failed: {type(exc).__name__}: {exc}"
             log.exception("SendBatch raised", extra={"send_request": request_id})
         now = datetime.now(UTC)
+        throttle.batches += 1
         if error is None:
+            self._outage.record(SENDER_TARGET, reachable=True)
+            outcomes = {r.outcome for r in response.results}
+            if outcomes == {sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE}:
+                throttle.unreachable += 1
+                self._outage.record(batch.provider, reachable=False)
+            elif sender_pb2.SEND_OUTCOME_ACCEPTED in outcomes:
+                self._outage.record(batch.provider, reachable=True)
             completions = resolve_batch(
                 batch,
                 response.results,
@@ -371,11 +394,15 @@ class Dispatcher:
                 policy=self._policy,
                 rng=self._rng,
                 pacer=self._pacer,
+                outage=self._outage,
             )
             throttle.note(response.results)
             self._record_health(batch, response.results)
         else:
             self.stats.batch_errors += 1
+            if not reached_provider:
+                throttle.unreachable += 1
+                self._outage.record(SENDER_TARGET, reachable=False)
             completions = resolve_batch_failure(
                 batch,
                 error,
@@ -383,6 +410,7 @@ class Dispatcher:
                 policy=self._policy,
                 rng=self._rng,
                 reached_provider=reached_provider,
+                outage=self._outage,
             )
             if reached_provider:
                 # An unreachable sender says nothing about the provider's health.
@@ -457,6 +485,8 @@ class Dispatcher:
         completions: Sequence[Completion],
         written: int,
         throttle_pause: float | None,
+        batches: int = 0,
+        unreachable: int = 0,
     ) -> RoundResult:
         stats = self.stats
         stats.rounds += 1
@@ -497,18 +527,24 @@ class Dispatcher:
             expired=expired,
             written=written,
             throttle_pause=throttle_pause,
+            batches=batches,
+            unreachable=unreachable,
         )
 
 
-class _RoundThrottle:
-    """The shortest retry-after the sender gave in one round (None: nothing throttled).
+class _RoundTally:
+    """What a round's SendBatch calls said, for deciding how long the worker pauses.
 
-    The pause after an all-throttled round waits for the limiter itself, not for the
-    throttled intents' own due times, which the pacer spreads far beyond it.
+    ``seconds`` is the shortest retry-after the sender gave (None: nothing throttled): the
+    pause after an all-throttled round waits for the limiter itself, not for the throttled
+    intents' own due times, which the pacer spreads far beyond it. ``unreachable`` counts
+    the calls that handed nothing over (the sender, or the provider, was down).
     """
 
     def __init__(self) -> None:
         self.seconds: float | None = None
+        self.batches = 0
+        self.unreachable = 0
 
     def note(self, results: Sequence[sender_pb2.SendResult]) -> None:
         for r in results:

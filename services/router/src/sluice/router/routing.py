@@ -132,6 +132,37 @@ class ThrottlePacer:
         return slot
 
 
+# The OutageBackoff key for the sender service itself (provider names are the others).
+SENDER_TARGET = "<sender>"
+
+
+class OutageBackoff:
+    """Backoff for intents that could not be handed over at all (an unreachable provider,
+    or an unreachable sender), which spend no attempt.
+
+    With no attempt counted, a per-intent backoff would stay at its first step and a
+    backlog would be re-leased every few seconds for as long as the outage lasts. This
+    keeps a streak per target instead: every batch that found the target unreachable
+    doubles the next delay (full jitter, capped at the policy's maximum), and one batch
+    that gets through resets it.
+    """
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._streak: dict[str, int] = {}
+
+    def record(self, target: str, *, reachable: bool) -> None:
+        """Notes whether a batch to ``target`` got through."""
+        if reachable:
+            self._streak.pop(target, None)
+        else:
+            self._streak[target] = self._streak.get(target, 0) + 1
+
+    def delay(self, target: str, rng: random.Random) -> float:
+        """Seconds to wait before handing an intent to ``target`` again."""
+        return self._policy.backoff(max(self._streak.get(target, 1) - 1, 0), rng)
+
+
 class ProviderChooser:
     """Candidate providers per intent kind, cheapest first, precomputed once per provider set."""
 
@@ -275,6 +306,7 @@ def resolve_result(
     policy: RetryPolicy,
     rng: random.Random,
     pacer: ThrottlePacer | None = None,
+    outage: OutageBackoff | None = None,
 ) -> Completion:
     """The next state of ``intent`` after the sender answered ``result`` for it.
 
@@ -313,6 +345,21 @@ def resolve_result(
             due_at=due_at,
             attempted=False,
         )
+    if outcome == sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE:
+        # Never handed to the provider: no attempt; the deadline bounds the waiting.
+        wait = (
+            outage.delay(provider, rng)
+            if outage is not None
+            else policy.backoff(intent.attempts, rng)
+        )
+        return Completion(
+            intent_id=intent.id,
+            status="pending",
+            provider=provider,
+            due_at=now + timedelta(seconds=wait),
+            attempted=False,
+            last_error=f"provider unavailable: {result.reason or 'unreachable'}",
+        )
     if outcome == sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE:
         return Completion(
             intent_id=intent.id,
@@ -345,6 +392,7 @@ def resolve_batch(
     policy: RetryPolicy,
     rng: random.Random,
     pacer: ThrottlePacer | None = None,
+    outage: OutageBackoff | None = None,
 ) -> list[Completion]:
     """One completion per intent of ``batch`` from the sender's results.
 
@@ -354,7 +402,14 @@ def resolve_batch(
     by_id: Mapping[str, sender_pb2.SendResult] = {r.intent_id: r for r in results}
     return [
         resolve_result(
-            i, batch.provider, by_id.get(str(i.id)), now=now, policy=policy, rng=rng, pacer=pacer
+            i,
+            batch.provider,
+            by_id.get(str(i.id)),
+            now=now,
+            policy=policy,
+            rng=rng,
+            pacer=pacer,
+            outage=outage,
         )
         for i in batch.intents
     ]
@@ -368,6 +423,7 @@ def resolve_batch_failure(
     policy: RetryPolicy,
     rng: random.Random,
     reached_provider: bool = True,
+    outage: OutageBackoff | None = None,
 ) -> list[Completion]:
     """Completions for a SendBatch call that failed as a whole (timeout, sender down).
 
@@ -384,7 +440,12 @@ def resolve_batch_failure(
                 intent_id=i.id,
                 status="pending",
                 provider=batch.provider,
-                due_at=now + timedelta(seconds=policy.backoff(i.attempts, rng)),
+                due_at=now
+                + timedelta(
+                    seconds=outage.delay(SENDER_TARGET, rng)
+                    if outage is not None
+                    else policy.backoff(i.attempts, rng)
+                ),
                 attempted=False,
                 last_error=reason,
             )

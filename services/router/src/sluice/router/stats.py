@@ -11,7 +11,8 @@ __all__ = ["DispatchStats", "RoundResult"]
 @dataclass(frozen=True, slots=True)
 class RoundResult:
     """What one round did. ``throttle_pause`` is the earliest retry-after among throttled
-    intents (seconds), or None when nothing was throttled."""
+    intents (seconds), or None when nothing was throttled. ``batches`` counts SendBatch
+    calls and ``unreachable`` those that handed nothing over (sender or provider down)."""
 
     leased: int = 0
     sent: int = 0
@@ -21,6 +22,8 @@ class RoundResult:
     expired: int = 0
     written: int = 0
     throttle_pause: float | None = None
+    batches: int = 0
+    unreachable: int = 0
 
 
 @dataclass

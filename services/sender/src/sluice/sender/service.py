@@ -30,6 +30,7 @@ _OUTCOMES = {
     "accepted": sender_pb2.SEND_OUTCOME_ACCEPTED,
     "transient": sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE,
     "permanent": sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
+    "unavailable": sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE,
 }
 MAX_MESSAGES = 5000
 
@@ -160,9 +161,13 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         try:
             results = await adapter.send_batch(emails)
         except Unavailable as exc:
-            # The provider as a whole is unreachable: nothing in this chunk was accepted.
+            # Nothing in this chunk was handed to the provider (see the adapter contract).
+            log.warning(
+                "provider unavailable",
+                extra={"provider": adapter.name, "messages": len(emails), "error": str(exc)},
+            )
             return [
-                ProviderResult(intent_id=e.intent_id, outcome="transient", reason=str(exc))
+                ProviderResult(intent_id=e.intent_id, outcome="unavailable", reason=str(exc))
                 for e in emails
             ]
         if len(results) != len(emails):

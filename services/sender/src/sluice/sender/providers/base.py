@@ -11,10 +11,14 @@ Contract of ``EmailProvider.send_batch``:
   provider refuses, a per-message rate-limit answer): those are results, ``permanent``
   when retrying can never help and ``transient`` (with ``retry_after`` when the provider
   said when) when it may.
-- It raises ``sluice.common.errors.Unavailable`` only when the provider as a whole is
-  unreachable (connection refused, timeout, a server error for the whole batch). The
-  servicer then reports every message of the batch as a transient failure, so they are
-  retried: keep the idempotency key below, since a timed-out batch may have been accepted.
+- It raises ``sluice.common.errors.Unavailable`` only when nothing was handed to the
+  provider (connection refused, name resolution failed, the store the adapter needs is
+  down). The servicer answers ``PROVIDER_UNAVAILABLE`` for every message of the batch: the
+  router retries them without spending an attempt (an outage must not turn into failures)
+  and counts them against the provider's health, so it fails over.
+- When the batch may have reached the provider (a timeout after sending, a server error
+  for the whole batch), it returns ``transient`` results instead: those are attempts, and
+  the idempotency key below keeps a retry of an accepted batch from being delivered twice.
 - It passes ``idempotency_key`` to providers that accept one, so a retried send is not
   delivered twice.
 """
@@ -25,7 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-Outcome = Literal["accepted", "transient", "permanent"]
+# "unavailable" is set by the servicer when an adapter raises Unavailable; adapters raise
+# rather than return it.
+Outcome = Literal["accepted", "transient", "permanent", "unavailable"]
 
 
 @dataclass(frozen=True, slots=True)
