@@ -116,6 +116,18 @@ _ensure_servers()
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
+def clean_env(**overrides: str) -> dict[str, str]:
+    """This process's environment without any Sluice configuration, plus ``overrides``
+    (for the ``sluice`` processes tests start)."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
+    }
+    env.update(overrides)
+    return env
+
+
 @pytest.fixture
 def redis_prefix() -> str:
     """A key prefix no other test or run shares (no braces: hash tags follow it)."""

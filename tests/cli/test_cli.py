@@ -23,23 +23,13 @@ from sluice.cli.demo import FAIL_RECIPIENT, campaign_items, run_demo
 from sluice.cli.dev import local_stack
 from sluice.cli.embedded import find_free_port
 from sluice.common.settings import Settings
+from tests.conftest import clean_env
 
 SLUICE = str(Path(sys.executable).parent / "sluice")
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 PG_ADMIN_DSN = os.environ.get(
     "SLUICE_TEST_PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"
 )
-
-
-def _clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any Sluice configuration, plus ``overrides``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
-    }
-    env.update(overrides)
-    return env
 
 
 async def sluice(*args: str, wait: float = 60, **env: str) -> tuple[int, str, str]:
@@ -50,7 +40,7 @@ async def sluice(*args: str, wait: float = 60, **env: str) -> tuple[int, str, st
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_clean_env(**env),
+        env=clean_env(**env),
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), wait)
@@ -168,7 +158,7 @@ async def test_serve_runs_until_sigterm_then_exits_0(redis_prefix: str) -> None:
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_clean_env(
+        env=clean_env(
             REDIS_URL=REDIS_URL, SLUICE_REDIS_PREFIX=redis_prefix, SLUICE_SENDER_PORT=str(port)
         ),
     )
@@ -204,7 +194,7 @@ async def test_dev_starts_the_trio_and_ctrl_c_stops_it(
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_clean_env(
+        env=clean_env(
             DATABASE_URL=pg_dsn,
             REDIS_URL=REDIS_URL,
             SLUICE_REDIS_PREFIX=redis_prefix,

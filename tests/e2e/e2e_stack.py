@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import sys
 import time
@@ -32,7 +31,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.cli.embedded import find_free_port
-from tests.conftest import REDIS_URL
+from sluice.v1 import intent_pb2
+from tests.conftest import REDIS_URL, clean_env
 
 BIN = Path(sys.executable).parent
 SLUICE = str(BIN / "sluice")
@@ -61,15 +61,21 @@ options = { record_ids = "true" }
 """
 
 
-def clean_env(**overrides: str) -> dict[str, str]:
-    """This process's environment without any Sluice configuration, plus ``overrides``."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
-    }
-    env.update(overrides)
-    return env
+def marketing_submissions(
+    campaign: str, count: int, *, start: int = 0
+) -> list[intent_pb2.IntentSubmission]:
+    """``count`` marketing intents for the "welcome" template, keys ``<campaign>-<i>``."""
+    return [
+        intent_pb2.IntentSubmission(
+            idempotency_key=f"{campaign}-{i}",
+            campaign_id=campaign,
+            recipient=f"user{i}@example.com",
+            intent=intent_pb2.INTENT_MARKETING,
+            template_id="welcome",
+            variables={"name": f"User {i}"},
+        )
+        for i in range(start, start + count)
+    ]
 
 
 @dataclass

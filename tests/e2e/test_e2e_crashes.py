@@ -29,9 +29,9 @@ from redis.exceptions import RedisError
 
 from sluice.cli.embedded import find_free_port
 from sluice.sender.providers.sandbox import SandboxLedger
-from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
+from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import InsertTemplate
-from tests.e2e.e2e_stack import ServiceProcess, Stack, service_stack
+from tests.e2e.e2e_stack import ServiceProcess, Stack, marketing_submissions, service_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -90,17 +90,7 @@ def crash_stack(
 
 async def submit(ingest: ServiceProcess, campaign: str, count: int) -> list[str]:
     """Submits ``count`` intents in one call; returns their ids (all newly created)."""
-    submissions = [
-        intent_pb2.IntentSubmission(
-            idempotency_key=f"{campaign}-{i}",
-            campaign_id=campaign,
-            recipient=f"user{i}@example.com",
-            intent=intent_pb2.INTENT_MARKETING,
-            template_id="welcome",
-            variables={"name": f"User {i}"},
-        )
-        for i in range(count)
-    ]
+    submissions = marketing_submissions(campaign, count)
     async with grpc.aio.insecure_channel(ingest.target) as channel:
         answer = await ingest_pb2_grpc.IngestServiceStub(channel).SubmitIntents(
             ingest_pb2.SubmitIntentsRequest(intents=submissions), timeout=30

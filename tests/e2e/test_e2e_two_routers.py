@@ -20,9 +20,9 @@ import pytest
 import redis.asyncio as aioredis
 
 from sluice.sender.providers.sandbox import SandboxLedger
-from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
+from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.conftest import InsertTemplate
-from tests.e2e.e2e_stack import ServiceProcess, service_stack
+from tests.e2e.e2e_stack import ServiceProcess, marketing_submissions, service_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -32,20 +32,6 @@ PER_CALL = 1_000
 WAIT_SECONDS = 90.0
 # Small batches: 50 leases for 5,000 intents, eight workers competing for them.
 ROUTER_ENV = {"SLUICE_ROUTER_BATCH_SIZE": "100", "SLUICE_ROUTER_CONCURRENCY": "4"}
-
-
-def submissions(campaign: str, start: int, count: int) -> list[intent_pb2.IntentSubmission]:
-    return [
-        intent_pb2.IntentSubmission(
-            idempotency_key=f"{campaign}-{i}",
-            campaign_id=campaign,
-            recipient=f"user{i}@example.com",
-            intent=intent_pb2.INTENT_MARKETING,
-            template_id="welcome",
-            variables={"name": f"User {i}"},
-        )
-        for i in range(start, start + count)
-    ]
 
 
 def router_sent(router: ServiceProcess) -> int:
@@ -82,7 +68,9 @@ async def test_two_routers_on_5000_intents_never_send_one_twice(
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             for start in range(0, TOTAL, PER_CALL):
                 answer = await stub.SubmitIntents(
-                    ingest_pb2.SubmitIntentsRequest(intents=submissions(campaign, start, PER_CALL)),
+                    ingest_pb2.SubmitIntentsRequest(
+                        intents=marketing_submissions(campaign, PER_CALL, start=start)
+                    ),
                     timeout=30,
                 )
                 assert all(r.created and not r.HasField("error") for r in answer.results)

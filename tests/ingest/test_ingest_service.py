@@ -216,3 +216,31 @@ async def test_health_and_reflection(pg_dsn: str) -> None:
         await handle.set_serving(False)
         reply = await health.Check(health_pb2.HealthCheckRequest(service=""))
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def test_a_template_created_after_a_rejection_works_at_once(
+    stub: ingest_pb2_grpc.IngestServiceStub, pg_pool: asyncpg.Pool
+) -> None:
+    # The template cache keeps what exists, not what is missing: a client that creates
+    # its template after a rejected submission must not wait for a cache to expire.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.SubmitIntent(
+            ingest_pb2.SubmitIntentRequest(intent=sub("t-1", template_id="late"))
+        )
+    assert "intent.template_id" in field_violations(info.value)
+    await upsert_template(
+        pg_pool,
+        TemplateRow(
+            id="late",
+            version=1,
+            subject="s",
+            html_body="<p>{{ name }}</p>",
+            text_body="",
+            variables=("name",),
+            from_address="noreply@example.com",
+        ),
+    )
+    created = await stub.SubmitIntent(
+        ingest_pb2.SubmitIntentRequest(intent=sub("t-1", template_id="late"))
+    )
+    assert created.created

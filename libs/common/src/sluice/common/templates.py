@@ -3,7 +3,8 @@ for SendBatch), written by template management and the demo seed."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import asyncpg
@@ -91,3 +92,47 @@ async def upsert_template(pool: Executor, template: TemplateRow) -> TemplateRow:
         rec = await pool.fetchrow(GET_TEMPLATE_SQL, template.id)
     assert rec is not None, "a template the upsert skipped as unchanged must exist"
     return _template_row(rec)
+
+
+TEMPLATE_TTL_SECONDS = 10.0
+
+
+class TemplateCache:
+    """Templates by id, kept ``ttl`` seconds; the ids not held load in one query.
+
+    Ingest validates every submission against its template and the router sends every
+    batch with one; templates change rarely, so this keeps them off the hot path. An
+    edited template takes effect within ``ttl``. A missing id is not cached, so a template
+    created just after a request named it works on the next request.
+    """
+
+    def __init__(
+        self,
+        pool: Executor,
+        *,
+        ttl: float = TEMPLATE_TTL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._pool = pool
+        self._ttl = ttl
+        self._clock = clock
+        self._entries: dict[str, tuple[float, TemplateRow]] = {}
+
+    async def get_many(self, ids: Iterable[str]) -> dict[str, TemplateRow]:
+        """The templates among ``ids`` that exist, keyed by id."""
+        now = self._clock()
+        found: dict[str, TemplateRow] = {}
+        missing: list[str] = []
+        for template_id in set(ids):
+            if not template_id:
+                continue
+            entry = self._entries.get(template_id)
+            if entry is not None and now - entry[0] < self._ttl:
+                found[template_id] = entry[1]
+            else:
+                missing.append(template_id)
+        if missing:
+            for template_id, row in (await get_templates(self._pool, missing)).items():
+                self._entries[template_id] = (now, row)
+                found[template_id] = row
+        return found

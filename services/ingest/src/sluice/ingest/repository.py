@@ -266,7 +266,7 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         kind=rec["kind"],
         priority=rec["priority"],
         template_id=rec["template_id"],
-        variables=_as_dict(rec["variables"]),
+        variables=dict(rec["variables"]),
         send_at=rec["send_at"],
         deadline=rec["deadline"],
         due_at=rec["due_at"],
@@ -279,13 +279,6 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         created_at=rec["created_at"],
         updated_at=rec["updated_at"],
     )
-
-
-def _as_dict(value: Any) -> dict[str, str]:
-    # The pool's codec decodes jsonb to dict; a bare connection without it yields text.
-    if isinstance(value, str):
-        value = json.loads(value)
-    return {str(k): str(v) for k, v in value.items()}
 
 
 async def get_intent(pool: Executor, intent_id: UUID) -> IntentRow | None:

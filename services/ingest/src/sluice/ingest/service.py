@@ -6,9 +6,8 @@ import base64
 import binascii
 import hashlib
 import json
-import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -19,9 +18,10 @@ from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, Sluic
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
 from sluice.common.settings import Settings
 from sluice.common.telemetry import current_traceparent
+from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
 from sluice.ingest.coalesce import InsertCoalescer
-from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent, TemplateRow
+from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.validation import validate_submission
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
@@ -30,7 +30,6 @@ T = TypeVar("T")
 MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-TEMPLATE_TTL_SECONDS = 5.0
 
 
 async def _db(awaitable: Awaitable[T]) -> T:
@@ -44,36 +43,6 @@ async def _db(awaitable: Awaitable[T]) -> T:
         asyncpg.exceptions.ConnectionDoesNotExistError,
     ) as exc:
         raise Unavailable(f"database unavailable: {exc}") from exc
-
-
-class TemplateCache:
-    """Templates by id, read from PostgreSQL at most every few seconds per id.
-
-    Validation needs each template's declared variables on every submission; templates
-    change rarely, so a short TTL keeps them off the database's hot path.
-    """
-
-    def __init__(self, pool: asyncpg.Pool, ttl: float = TEMPLATE_TTL_SECONDS) -> None:
-        self._pool = pool
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, TemplateRow | None]] = {}
-
-    async def get(self, ids: Sequence[str]) -> dict[str, TemplateRow]:
-        """The templates among ``ids`` that exist (one query for all the stale ones)."""
-        now = time.monotonic()
-        stale = sorted(
-            {i for i in ids if i and (i not in self._entries or self._entries[i][0] < now)}
-        )
-        if stale:
-            found = await _db(repository.get_templates(self._pool, stale))
-            for template_id in stale:
-                self._entries[template_id] = (now + self._ttl, found.get(template_id))
-        out: dict[str, TemplateRow] = {}
-        for template_id in ids:
-            entry = self._entries.get(template_id)
-            if entry is not None and entry[1] is not None:
-                out[template_id] = entry[1]
-        return out
 
 
 def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
@@ -154,7 +123,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.SubmitIntentResponse:
         sub = request.intent
-        templates = await self._templates.get([sub.template_id])
+        templates = await _db(self._templates.get_many([sub.template_id]))
         now = datetime.now(UTC)
         row = validate_submission(
             sub,
@@ -184,7 +153,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise InvalidArgument(
                 f"{len(subs)} intents in one call", [("intents", f"at most {MAX_BATCH} items")]
             )
-        templates = await self._templates.get([s.template_id for s in subs])
+        templates = await _db(self._templates.get_many(s.template_id for s in subs))
         now = datetime.now(UTC)
         traceparent = current_traceparent()
         results = [ingest_pb2.SubmitIntentResult() for _ in subs]

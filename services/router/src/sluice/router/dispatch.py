@@ -39,6 +39,7 @@ from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
 from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry, context_from_traceparent, current_traceparent
+from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.repository import Completion, LeasedIntent
@@ -55,7 +56,6 @@ from sluice.router.routing import (
     retry_after_seconds,
 )
 from sluice.router.stats import DispatchStats, RoundResult
-from sluice.router.template_cache import TemplateCache
 from sluice.router.tracing import _batch_link, _end_route_span
 from sluice.v1 import sender_pb2
 
@@ -256,7 +256,7 @@ class Dispatcher:
         if not leased:
             return RoundResult()
         started = time.perf_counter()
-        throttle = _RoundTally()
+        tally = _RoundTally()
         self._held[lease_id] = [i.id for i in leased]
         try:
             if self._tracing:
@@ -264,9 +264,9 @@ class Dispatcher:
                     "sluice.dispatch",
                     attributes={"sluice.lease_id": str(lease_id), "sluice.leased": len(leased)},
                 ):
-                    completions = await self._route_and_send(lease_id, leased, throttle)
+                    completions = await self._route_and_send(lease_id, leased, tally)
             else:
-                completions = await self._route_and_send(lease_id, leased, throttle)
+                completions = await self._route_and_send(lease_id, leased, tally)
         except asyncio.CancelledError:
             raise  # stop() releases what is still in _held
         except Exception:
@@ -285,7 +285,7 @@ class Dispatcher:
             raise
         self._held.pop(lease_id, None)
         result = self._account(
-            leased, completions, written, throttle.seconds, throttle.batches, throttle.unreachable
+            leased, completions, written, tally.seconds, tally.batches, tally.unreachable
         )
         log.debug(
             "round leased=%d sent=%d throttled=%d retrying=%d failed=%d expired=%d "
@@ -309,7 +309,7 @@ class Dispatcher:
             log.exception("could not release %d leased intents after a failed round", len(ids))
 
     async def _route_and_send(
-        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], throttle: _RoundTally
+        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], tally: _RoundTally
     ) -> list[Completion]:
         plan = plan_routes(
             leased, self._chooser, now=datetime.now(UTC), degraded=self.health.degraded()
@@ -324,15 +324,17 @@ class Dispatcher:
         templates = await self._templates.get_many(b.template_id for b in plan.batches)
         calls = []
         for n, batch in enumerate(plan.batches):
-            template = templates.get(batch.template_id)
-            if template is None:
+            row = templates.get(batch.template_id)
+            if row is None:
                 error = f"template {batch.template_id} not found"
                 completions.extend(
                     Completion(intent_id=i.id, status="failed", last_error=error)
                     for i in batch.intents
                 )
                 continue
-            calls.append(self._send(batch, template, f"{lease_id.hex[:12]}-{n}", throttle))
+            calls.append(
+                self._send(batch, _template_content(row), f"{lease_id.hex[:12]}-{n}", tally)
+            )
         for batch_completions in await asyncio.gather(*calls):
             completions.extend(batch_completions)
         return completions
@@ -342,7 +344,7 @@ class Dispatcher:
         batch: PlannedBatch,
         template: sender_pb2.TemplateContent,
         request_id: str,
-        throttle: _RoundTally,
+        tally: _RoundTally,
     ) -> list[Completion]:
         spans: list[trace.Span] = []
         if self._tracing:
@@ -378,12 +380,12 @@ class Dispatcher:
             error = f"SendBatch to {batch.provider} failed: {type(exc).__name__}: {exc}"
             log.exception("SendBatch raised", extra={"send_request": request_id})
         now = datetime.now(UTC)
-        throttle.batches += 1
+        tally.batches += 1
         if error is None:
             self._outage.record(SENDER_TARGET, reachable=True)
             outcomes = {r.outcome for r in response.results}
             if outcomes == {sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE}:
-                throttle.unreachable += 1
+                tally.unreachable += 1
                 self._outage.record(batch.provider, reachable=False)
             elif sender_pb2.SEND_OUTCOME_ACCEPTED in outcomes:
                 self._outage.record(batch.provider, reachable=True)
@@ -396,12 +398,12 @@ class Dispatcher:
                 pacer=self._pacer,
                 outage=self._outage,
             )
-            throttle.note(response.results)
+            tally.note(response.results)
             self._record_health(batch, response.results)
         else:
             self.stats.batch_errors += 1
             if not reached_provider:
-                throttle.unreachable += 1
+                tally.unreachable += 1
                 self._outage.record(SENDER_TARGET, reachable=False)
             completions = resolve_batch_failure(
                 batch,
@@ -552,6 +554,18 @@ class _RoundTally:
                 wait = retry_after_seconds(r)
                 if self.seconds is None or wait < self.seconds:
                     self.seconds = wait
+
+
+def _template_content(row: TemplateRow) -> sender_pb2.TemplateContent:
+    return sender_pb2.TemplateContent(
+        id=row.id,
+        version=row.version,
+        subject=row.subject,
+        html_body=row.html_body,
+        text_body=row.text_body,
+        variables=list(row.variables),
+        from_address=row.from_address,
+    )
 
 
 def _message(intent: LeasedIntent, traceparent: str) -> sender_pb2.OutboundMessage:

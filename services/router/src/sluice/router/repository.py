@@ -10,11 +10,9 @@ Every function takes an :data:`sluice.common.db.Executor` (a pool or a held conn
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
@@ -189,20 +187,13 @@ class QueueStats:
     oldest_due_age_seconds: float
 
 
-def _variables(value: Any) -> dict[str, str]:
-    # The pool's codec decodes jsonb to dict; a bare connection without it yields text.
-    if isinstance(value, str):
-        value = json.loads(value)
-    return {str(k): str(v) for k, v in value.items()}
-
-
 def _leased(rec: asyncpg.Record) -> LeasedIntent:
     return LeasedIntent(
         id=rec["id"],
         recipient=rec["recipient"],
         kind=rec["kind"],
         template_id=rec["template_id"],
-        variables=_variables(rec["variables"]),
+        variables=dict(rec["variables"]),
         deadline=rec["deadline"],
         attempts=rec["attempts"],
         idempotency_key=rec["idempotency_key"],

@@ -10,9 +10,12 @@ __all__ = ["DispatchStats", "RoundResult"]
 
 @dataclass(frozen=True, slots=True)
 class RoundResult:
-    """What one round did. ``throttle_pause`` is the earliest retry-after among throttled
-    intents (seconds), or None when nothing was throttled. ``batches`` counts SendBatch
-    calls and ``unreachable`` those that handed nothing over (sender or provider down)."""
+    """What one round did.
+
+    ``throttle_pause`` is the shortest retry-after the sender gave for throttled messages
+    (seconds), or None when nothing was throttled. ``batches`` counts SendBatch calls and
+    ``unreachable`` those that handed nothing over (sender or provider down).
+    """
 
     leased: int = 0
     sent: int = 0
