@@ -11,6 +11,7 @@ import pytest
 
 from sluice.common import db
 from sluice.common.errors import ConfigError, Unavailable
+from sluice.common.logging import redact_url
 from tests.conftest import pg_admin_execute, pg_dsn_for
 
 
@@ -144,9 +145,10 @@ async def test_unknown_database_is_a_config_error() -> None:
     assert isinstance(caught.value.__cause__, asyncpg.InvalidCatalogNameError)
 
 
-def test_redact_dsn_hides_only_the_password() -> None:
-    assert db.redact_dsn("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
-    assert db.redact_dsn("postgresql://u@h/d") == "postgresql://u@h/d"
+def test_redact_url_hides_only_the_password() -> None:
+    assert redact_url("postgresql://u:pw@h:5432/d") == "postgresql://u:***@h:5432/d"
+    assert redact_url("postgresql://u@h/d") == "postgresql://u@h/d"
+    assert redact_url("redis://:secret@cache:6379/0") == "redis://:***@cache:6379/0"
 
 
 def test_rows_affected_reads_command_status() -> None:

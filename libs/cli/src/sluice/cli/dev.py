@@ -132,7 +132,7 @@ async def local_stack(
 
 def banner(stack: LocalStack) -> str:
     """What ``sluice dev`` prints once the stack is up: addresses and things to try."""
-    from sluice.common.db import redact_dsn
+    from sluice.common.logging import redact_url
 
     def where(url: str, embedded: bool) -> str:
         return f"{url} (embedded, removed on exit)" if embedded else url
@@ -144,7 +144,7 @@ def banner(stack: LocalStack) -> str:
         f"  ingest    {stack.ingest:<22} sluice.v1.IngestService",
         f"  router    {stack.router:<22} sluice.v1.RouterService",
         f"  sender    {stack.sender:<22} sluice.v1.SenderService",
-        f"  postgres  {where(redact_dsn(stack.settings.database_url), stack.embedded_database)}",
+        f"  postgres  {where(redact_url(stack.settings.database_url), stack.embedded_database)}",
         f"  redis     {where(stack.settings.redis_url, stack.embedded_redis)}",
         "  providers",
     ]

@@ -104,7 +104,7 @@ async def migrate(database_url: str) -> list[str]:
 
 def run_migrate() -> int:
     """``sluice migrate``: prints each migration applied, or that the schema is current."""
-    from sluice.common.db import redact_dsn
+    from sluice.common.logging import redact_url
 
     settings = Settings.from_env()
     configure_logging(settings, level="WARNING")
@@ -113,7 +113,7 @@ def run_migrate() -> int:
     if applied:
         for name in applied:
             print(f"applied {name}")
-        print(f"{len(applied)} migration(s) applied to {redact_dsn(url)}")
+        print(f"{len(applied)} migration(s) applied to {redact_url(url)}")
     else:
-        print(f"{redact_dsn(url)} is up to date")
+        print(f"{redact_url(url)} is up to date")
     return 0

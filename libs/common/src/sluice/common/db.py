@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeAlias
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
 from sluice.common.errors import ConfigError, Unavailable
+from sluice.common.logging import redact_url
 
 __all__ = [
     "MIGRATION_LOCK_KEY",
@@ -29,7 +29,6 @@ __all__ = [
     "create_pool",
     "migrate",
     "migrations",
-    "redact_dsn",
     "rows_affected",
 ]
 
@@ -103,21 +102,8 @@ def migrations() -> list[Migration]:
     return [found[v] for v in sorted(found)]
 
 
-def redact_dsn(dsn: str) -> str:
-    """Return ``dsn`` with any password replaced by ``***`` (safe for logs and errors)."""
-    try:
-        parts = urlsplit(dsn)
-    except ValueError:
-        return "<unparseable dsn>"
-    if parts.password is None:
-        return dsn
-    netloc = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
-
-
 def _wrap_connect_error(dsn: str, exc: BaseException) -> Exception:
-    where = redact_dsn(dsn)
+    where = redact_url(dsn)
     if isinstance(exc, _CONFIG_CONNECT_ERRORS):
         return ConfigError(f"PostgreSQL at {where} refused the configuration: {exc}")
     return Unavailable(f"PostgreSQL at {where} is unavailable: {exc}")

@@ -15,6 +15,7 @@ import logging
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from opentelemetry import trace
 
@@ -32,6 +33,19 @@ def redact_email(address: str) -> str:
         local, domain = address, ""
     digest = hashlib.blake2s(local.encode("utf-8", "replace"), key=_SALT, digest_size=4).hexdigest()
     return f"h:{digest}@{domain}" if domain else f"h:{digest}"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (database and Redis URLs in logs,
+    errors and banners)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "<unparseable url>"
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def bind_request_id(request_id: str) -> contextvars.Token[str]:

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from sluice.common.errors import Unavailable
+from sluice.common.logging import redact_url
 
 
 async def create_redis(url: str, *, check: bool = True) -> aioredis.Redis:
@@ -19,13 +20,5 @@ async def create_redis(url: str, *, check: bool = True) -> aioredis.Redis:
             await client.ping()
         except (RedisError, OSError) as exc:
             await client.aclose()
-            raise Unavailable(f"Redis at {_safe(url)} is not answering: {exc}") from exc
+            raise Unavailable(f"Redis at {redact_url(url)} is not answering: {exc}") from exc
     return client
-
-
-def _safe(url: str) -> str:
-    """The URL without its password, for messages."""
-    if "@" in url:
-        scheme, _, rest = url.partition("://")
-        return f"{scheme}://***@{rest.rpartition('@')[2]}"
-    return url
