@@ -50,9 +50,9 @@ from sluice.cli.embedded import embedded_postgres, embedded_redis, find_free_por
 from sluice.cli.seed import seed_templates
 from sluice.common.db import create_pool, migrate
 from sluice.common.model import KIND_TO_PROTO, PRIORITY
-from sluice.common.settings import Settings
 from sluice.ingest.repository import NewIntent, insert_intents
 from sluice.router.repository import Completion, complete, lease
+from sluice.router.settings import RouterSettings
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 SUBMIT_BATCH = 1_000
@@ -436,7 +436,7 @@ async def _drop_redis_keys(url: str, prefix: str) -> None:
 
 async def baseline_run(servers_: Servers, count: int, report: Report) -> tuple[float, float]:
     """The database part alone; returns (inserts/s, leased-and-completed/s)."""
-    settings = Settings.from_env()
+    settings = RouterSettings.from_env()
     workers = settings.router_concurrency
     async with fresh_database(servers_.admin_dsn) as dsn:
         pool = await create_pool(dsn, min_size=workers, max_size=max(workers, SUBMIT_IN_FLIGHT))

@@ -22,7 +22,7 @@ from rich.console import Console
 from sluice.cli.demo import FAIL_RECIPIENT, campaign_items, run_demo
 from sluice.cli.dev import local_stack
 from sluice.cli.embedded import find_free_port
-from sluice.common.settings import Settings
+from sluice.cli.stack_settings import StackSettings
 from tests.conftest import clean_env
 
 SLUICE = str(Path(sys.executable).parent / "sluice")
@@ -243,7 +243,7 @@ async def test_demo_summary_adds_up_and_a_rerun_submits_nothing_new(
     assert invalid == 2
     assert any(i.recipient == FAIL_RECIPIENT for i in items)
 
-    settings = Settings(
+    settings = StackSettings.of(
         database_url=pg_dsn,
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,

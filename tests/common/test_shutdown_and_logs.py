@@ -11,9 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.common.logging import ContextFilter, JsonFormatter, redact_email
-from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.sender import app
+from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.conftest import REDIS_URL
 
@@ -37,10 +37,10 @@ TEMPLATE = sender_pb2.TemplateContent(
 )
 
 
-def settings_for(tmp_path: Path, redis_prefix: str) -> Settings:
+def settings_for(tmp_path: Path, redis_prefix: str) -> SenderSettings:
     providers = tmp_path / "providers.toml"
     providers.write_text(SLOW_PROVIDER)
-    return Settings(
+    return SenderSettings(
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
         providers_file=str(providers),

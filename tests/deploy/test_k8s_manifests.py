@@ -14,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from sluice.cli.stack_settings import StackSettings
 from sluice.common.providers import DEFAULT_PROVIDERS, parse_providers
-from sluice.common.settings import Settings
+from sluice.ingest.settings import IngestSettings
+from sluice.router.settings import RouterSettings
+from sluice.sender.settings import SenderSettings
 
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read the manifests")
 
@@ -23,11 +26,10 @@ K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 NAMESPACE = "sluice"
 IMAGE = "ghcr.io/sluice-dev/sluice"
 COMPONENTS = ("ingest", "router", "sender")
-DEFAULTS = Settings()
 PORTS = {
-    "ingest": DEFAULTS.ingest_port,
-    "router": DEFAULTS.router_port,
-    "sender": DEFAULTS.sender_port,
+    "ingest": IngestSettings().ingest_port,
+    "router": RouterSettings().router_port,
+    "sender": SenderSettings().sender_port,
 }
 # Settings read these fields from variables without the SLUICE_ prefix.
 ALIASES = {
@@ -146,7 +148,9 @@ def test_deployment_runs_its_service_with_grpc_probes_on_its_port(component: str
         assert spec.get("grpc", {}).get("service", "") == "", "overall health, all services"
         assert not {"httpGet", "tcpSocket", "exec"} & spec.keys()
     # The drain must end before the kubelet's SIGKILL.
-    grace = float(config().get("SLUICE_SHUTDOWN_GRACE_SECONDS", DEFAULTS.shutdown_grace_seconds))
+    grace = float(
+        config().get("SLUICE_SHUTDOWN_GRACE_SECONDS", IngestSettings().shutdown_grace_seconds)
+    )
     assert template["spec"]["terminationGracePeriodSeconds"] > grace + 5
 
 
@@ -195,7 +199,11 @@ def test_every_pod_is_hardened() -> None:
 
 def test_configmap_keys_are_real_settings() -> None:
     data = config()
-    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    fields = {
+        f.name: f
+        for cls in (IngestSettings, RouterSettings, SenderSettings)
+        for f in dataclasses.fields(cls)
+    }
     for key in data:
         if key in ALIASES:
             continue
@@ -207,13 +215,18 @@ def test_configmap_keys_are_real_settings() -> None:
         )
     # Settings accepts the whole environment a pod gets, and reads every value as given.
     (secret,) = load(K8S / "secret.example.yaml")
-    settings = Settings.from_env({**data, **secret["stringData"]})
+    stack = StackSettings.from_env({**data, **secret["stringData"]})
+    services = (stack.ingest, stack.router, stack.sender)
     for key, raw in data.items():
         name = ALIASES.get(key) or key.removeprefix("SLUICE_").lower()
         default: Any = fields[name].default
-        assert getattr(settings, name) == type(default)(raw), key
-    assert settings.listen_host == "0.0.0.0"  # a pod must answer on its IP
-    assert settings.log_format == "json"
+        readers = [s for s in services if hasattr(s, name)]
+        assert readers, key
+        for settings in readers:
+            assert getattr(settings, name) == type(default)(raw), key
+    for settings in services:
+        assert settings.listen_host == "0.0.0.0"  # a pod must answer on its IP
+        assert settings.log_format == "json"
 
 
 def test_ports_are_the_settings_defaults() -> None:

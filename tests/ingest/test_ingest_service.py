@@ -11,10 +11,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.ingest import app
 from sluice.ingest.repository import TemplateRow, upsert_template
+from sluice.ingest.settings import IngestSettings
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 from tests.grpc_helpers import error_info, field_violations
 
@@ -35,7 +35,7 @@ async def stub(
             from_address="noreply@example.com",
         ),
     )
-    settings = Settings(database_url=pg_dsn, db_pool_size=4)
+    settings = IngestSettings(database_url=pg_dsn, db_pool_size=4)
     async with (
         app.running(settings, disabled(), port=0) as handle,
         grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
@@ -205,7 +205,7 @@ async def test_list_intents_pages_without_gaps(stub: ingest_pb2_grpc.IngestServi
 
 
 async def test_health_and_reflection(pg_dsn: str) -> None:
-    settings = Settings(database_url=pg_dsn, db_pool_size=2)
+    settings = IngestSettings(database_url=pg_dsn, db_pool_size=2)
     async with (
         app.running(settings, disabled(), port=0) as handle,
         grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,

@@ -15,11 +15,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sluice.common.grpcserver import ServerHandle, build_server
-from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.router.app import SERVICE_NAME, running
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.service import RouterServicer
+from sluice.router.settings import RouterSettings
 from sluice.v1 import intent_pb2, router_pb2, router_pb2_grpc
 from tests.conftest import InsertTemplate
 from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
@@ -63,7 +63,7 @@ async def sender_port(fake: FakeSender) -> AsyncIterator[int]:
 
 
 @pytest.fixture
-def settings(pg_dsn: str, sender_port: int, tmp_path: Path) -> Settings:
+def settings(pg_dsn: str, sender_port: int, tmp_path: Path) -> RouterSettings:
     providers = tmp_path / "providers.toml"
     providers.write_text(PROVIDERS_TOML, encoding="utf-8")
     values: dict[str, Any] = {
@@ -77,7 +77,7 @@ def settings(pg_dsn: str, sender_port: int, tmp_path: Path) -> Settings:
         "shutdown_grace_seconds": 0.5,
         "db_pool_size": 4,
     }
-    result = Settings(**values)
+    result = RouterSettings(**values)
     result.validate()
     return result
 
@@ -96,7 +96,7 @@ async def wait_for_status(
 
 
 async def test_running_router_sends_and_reports_over_grpc(
-    settings: Settings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
+    settings: RouterSettings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
 ) -> None:
     ok = await seed(pg_pool, [f"ok{i}@example.com" for i in range(5)])
     throttled = await seed(pg_pool, ["throttle@example.com"])
@@ -137,7 +137,7 @@ async def test_running_router_sends_and_reports_over_grpc(
 
 
 async def test_leaving_running_releases_leases_of_unfinished_rounds(
-    settings: Settings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
+    settings: RouterSettings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
 ) -> None:
     fake.block = asyncio.Event()
     ids = await seed(pg_pool, [f"ok{i}@example.com" for i in range(4)])

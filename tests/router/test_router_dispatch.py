@@ -16,11 +16,11 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry, disabled, setup_tracing
 from sluice.router import repository
 from sluice.router.dispatch import Dispatcher, TemplateCache
 from sluice.router.health import HealthState, ProviderHealthTracker
+from sluice.router.settings import RouterSettings
 from sluice.v1 import sender_pb2_grpc
 from tests.conftest import InsertTemplate
 from tests.router.router_fakes import (
@@ -51,7 +51,7 @@ async def sender_channel(fake: FakeSender) -> AsyncIterator[grpc.aio.Channel]:
             yield channel
 
 
-def base_settings(pg_dsn: str, **overrides: Any) -> Settings:
+def base_settings(pg_dsn: str, **overrides: Any) -> RouterSettings:
     values: dict[str, Any] = {
         "database_url": pg_dsn,
         "router_batch_size": 100,
@@ -65,7 +65,7 @@ def base_settings(pg_dsn: str, **overrides: Any) -> Settings:
         "shutdown_grace_seconds": 2.0,
     }
     values.update(overrides)
-    settings = Settings(**values)
+    settings = RouterSettings(**values)
     settings.validate()
     return settings
 

@@ -22,11 +22,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.common.providers import ProviderConfig
-from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.router.dispatch import Dispatcher
 from sluice.router.routing import ThrottlePacer
+from sluice.router.settings import RouterSettings
 from sluice.sender import app as sender_app
+from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2_grpc
 from tests.conftest import REDIS_URL, InsertTemplate
 from tests.router.router_fakes import seed
@@ -99,10 +100,10 @@ async def test_backlog_is_not_rewritten_every_round_and_capacity_is_used(
     ids = await seed(pg_pool, [f"user{i}@example.com" for i in range(300)])
     providers_file = tmp_path / "providers.toml"
     providers_file.write_text(PROVIDERS_TOML)
-    sender_settings = Settings(
+    sender_settings = SenderSettings(
         redis_url=REDIS_URL, redis_prefix=redis_prefix, providers_file=str(providers_file)
     )
-    router_settings = Settings(
+    router_settings = RouterSettings(
         database_url=pg_dsn,
         router_batch_size=500,
         router_concurrency=2,

@@ -12,7 +12,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.common.providers import DEFAULT_PROVIDERS, ProviderConfig
-from sluice.common.settings import Settings
 from sluice.router.repository import LeasedIntent
 from sluice.router.routing import (
     EXPIRED_ERROR,
@@ -26,6 +25,7 @@ from sluice.router.routing import (
     resolve_batch_failure,
     resolve_result,
 )
+from sluice.router.settings import RouterSettings
 from sluice.v1 import sender_pb2
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
@@ -284,7 +284,7 @@ def test_throttle_delay_adds_at_most_ten_percent(retry_after: float, seed: int) 
 
 def test_policy_follows_settings() -> None:
     policy = RetryPolicy.from_settings(
-        Settings(max_attempts=7, retry_base_seconds=0.5, retry_max_seconds=9.0)
+        RouterSettings(max_attempts=7, retry_base_seconds=0.5, retry_max_seconds=9.0)
     )
     assert (policy.max_attempts, policy.base_seconds, policy.max_seconds) == (7, 0.5, 9.0)
 

@@ -12,12 +12,12 @@ import redis.asyncio as aioredis
 
 from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
-from sluice.common.settings import Settings
 from sluice.common.telemetry import disabled
 from sluice.sender import app
 from sluice.sender.providers.sandbox import SandboxLedger
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.service import SenderServicer
+from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.conftest import REDIS_URL
 
@@ -62,7 +62,7 @@ async def stub(
 ) -> AsyncIterator[sender_pb2_grpc.SenderServiceStub]:
     providers = tmp_path / "providers.toml"
     providers.write_text(PROVIDERS)
-    settings = Settings(
+    settings = SenderSettings(
         redis_url=REDIS_URL, redis_prefix=redis_prefix, providers_file=str(providers)
     )
     async with (

@@ -32,7 +32,7 @@ from opentelemetry import trace
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from sluice.common.settings import Settings
+from sluice.cli.stack_settings import StackSettings
 from sluice.common.telemetry import Telemetry, disabled, setup_tracing
 from sluice.ingest.app import running as ingest_running
 from sluice.router.app import running as router_running
@@ -65,11 +65,10 @@ SEND_BATCH = "/sluice.v1.SenderService/SendBatch"
 
 
 @pytest.fixture
-def settings(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> Settings:
+def settings(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> StackSettings:
     providers = tmp_path / "providers.toml"
     providers.write_text(PROVIDERS_TOML, encoding="utf-8")
-    result = dataclasses.replace(
-        Settings(),
+    return StackSettings.of(
         database_url=pg_dsn,
         redis_url=REDIS_URL,
         redis_prefix=redis_prefix,
@@ -81,8 +80,6 @@ def settings(pg_dsn: str, redis_prefix: str, tmp_path: Path) -> Settings:
         shutdown_grace_seconds=0.5,
         db_pool_size=4,
     )
-    result.validate()
-    return result
 
 
 @pytest.fixture
@@ -132,20 +129,20 @@ def traced(*names: str) -> Iterator[dict[str, Traced]]:
 
 @contextlib.asynccontextmanager
 async def trio(
-    settings: Settings, ingest: Telemetry, router: Telemetry, sender: Telemetry
+    settings: StackSettings, ingest: Telemetry, router: Telemetry, sender: Telemetry
 ) -> AsyncIterator[int]:
     """Runs sender, router (pointed at that sender) and ingest; yields ingest's port.
 
     Started outside any span on purpose: the router's workers are tasks that copy the
     context they are created in, and must not run inside the test's client span.
     """
-    async with sender_running(settings, sender, port=0) as sender_handle:
+    async with sender_running(settings.sender, sender, port=0) as sender_handle:
         router_settings = dataclasses.replace(
-            settings, sender_target=f"127.0.0.1:{sender_handle.port}"
+            settings.router, sender_target=f"127.0.0.1:{sender_handle.port}"
         )
         async with (
             router_running(router_settings, router, port=0),
-            ingest_running(settings, ingest, port=0) as ingest_handle,
+            ingest_running(settings.ingest, ingest, port=0) as ingest_handle,
         ):
             yield ingest_handle.port
 
@@ -200,7 +197,7 @@ def ancestors(span: ReadableSpan, spans: Sequence[ReadableSpan]) -> list[int]:
 
 
 async def test_one_trace_runs_from_submit_through_router_to_sender(
-    settings: Settings, pg_pool: asyncpg.Pool, template: str, sandbox_cleanup: None
+    settings: StackSettings, pg_pool: asyncpg.Pool, template: str, sandbox_cleanup: None
 ) -> None:
     with traced("client", "ingest", "router", "sender") as t:
         async with trio(
@@ -301,7 +298,7 @@ async def test_one_trace_runs_from_submit_through_router_to_sender(
 
 
 async def test_without_a_client_span_the_ingest_server_span_is_the_root(
-    settings: Settings, pg_pool: asyncpg.Pool, template: str, sandbox_cleanup: None
+    settings: StackSettings, pg_pool: asyncpg.Pool, template: str, sandbox_cleanup: None
 ) -> None:
     with traced("ingest", "router", "sender") as t:
         async with (
@@ -329,7 +326,7 @@ async def test_without_a_client_span_the_ingest_server_span_is_the_root(
 
 
 async def test_tracing_off_installs_nothing_and_stores_no_traceparent(
-    settings: Settings,
+    settings: StackSettings,
     pg_pool: asyncpg.Pool,
     template: str,
     redis_prefix: str,

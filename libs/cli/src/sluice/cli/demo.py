@@ -31,7 +31,7 @@ from sluice.cli.demo_campaign import (
 )
 from sluice.cli.demo_progress import watch_campaign
 from sluice.cli.demo_report import DemoResult, failure_lines, fold_stats, print_summary, status_name
-from sluice.common.settings import Settings
+from sluice.cli.stack_settings import StackSettings
 from sluice.v1 import ingest_pb2_grpc, router_pb2, router_pb2_grpc
 
 # FAIL_RECIPIENT and campaign_items moved to demo_campaign; they stay importable from here
@@ -199,9 +199,9 @@ async def _demo_main(
         )
         return result.exit_code
 
-    settings = Settings.from_env()
+    settings = StackSettings.from_env()
     # The services' INFO lines would tear through the progress display; warnings still show.
-    configure_logging(settings, level="WARNING")
+    configure_logging(settings.common, level="WARNING")
 
     def say(message: str) -> None:
         console.print(f"[dim]{message}[/]", highlight=False)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from sluice.cli.serve import configure_logging, make_telemetry, service_app
+from sluice.cli.stack_settings import StackSettings
 from sluice.common.grpcserver import install_stop_signals
 from sluice.common.providers import ProviderConfig, load_providers
-from sluice.common.settings import Settings
+from sluice.common.settings import CommonSettings
 
 log = logging.getLogger("sluice.cli")
 
@@ -43,7 +44,7 @@ def connect_host(listen_host: str) -> str:
 class LocalStack:
     """Where a running local stack answers, and the settings it runs with."""
 
-    settings: Settings
+    settings: StackSettings
     ingest: str
     router: str
     sender: str
@@ -68,7 +69,7 @@ async def prepare_database(database_url: str) -> list[str]:
 
 @asynccontextmanager
 async def local_stack(
-    settings: Settings,
+    settings: StackSettings,
     *,
     state_dir: Path,
     any_ports: bool = False,
@@ -79,10 +80,10 @@ async def local_stack(
     With ``any_ports`` every server binds a free port instead of the configured one (the
     demo and tests use it so they never clash with a stack already running).
     """
-    providers = load_providers(settings.providers_file)  # a bad file fails before anything starts
+    providers = load_providers(settings.common.providers_file)  # a bad file fails first
     async with AsyncExitStack() as stack:
-        embedded_database = not settings.database_url
-        embedded_redis = not settings.redis_url
+        embedded_database = not settings.common.database_url
+        embedded_redis = not settings.common.redis_url
         if embedded_database or embedded_redis:
             from sluice.cli.embedded import embedded_postgres
             from sluice.cli.embedded import embedded_redis as start_redis
@@ -90,33 +91,34 @@ async def local_stack(
             if embedded_database:
                 say(f"DATABASE_URL is unset: starting a throwaway PostgreSQL under {state_dir}")
                 dsn = await stack.enter_async_context(embedded_postgres(state_dir, log=say))
-                settings = replace(settings, database_url=dsn)
+                settings = settings.with_common(database_url=dsn)
             if embedded_redis:
                 say(f"REDIS_URL is unset: starting a throwaway Redis under {state_dir}")
                 url = await stack.enter_async_context(start_redis(state_dir, log=say))
-                settings = replace(settings, redis_url=url)
-        applied = await prepare_database(settings.require_database())
+                settings = settings.with_common(redis_url=url)
+        applied = await prepare_database(settings.common.require_database())
         say(
             f"database migrated ({', '.join(applied)})"
             if applied
             else "database schema is up to date"
         )
-        host = connect_host(settings.listen_host)
+        host = connect_host(settings.common.listen_host)
 
-        async def start(service: str, configured_port: int) -> str:
-            telemetry = make_telemetry(settings, service)
+        async def start(service: str, service_settings: CommonSettings, configured: int) -> str:
+            telemetry = make_telemetry(service_settings, service)
             stack.callback(telemetry.shutdown)
+            running = service_app(service)
             handle = await stack.enter_async_context(
-                service_app(service)(settings, telemetry, port=0 if any_ports else configured_port)
+                running(service_settings, telemetry, port=0 if any_ports else configured)
             )
-            say(f"{service} listening on {settings.listen_host}:{handle.port}")
+            say(f"{service} listening on {service_settings.listen_host}:{handle.port}")
             return f"{host}:{handle.port}"
 
-        ingest = await start("ingest", settings.ingest_port)
-        sender = await start("sender", settings.sender_port)
+        ingest = await start("ingest", settings.ingest, settings.ingest.ingest_port)
+        sender = await start("sender", settings.sender, settings.sender.sender_port)
         # In one process the router always talks to the sender it runs beside.
-        settings = replace(settings, sender_target=sender)
-        router = await start("router", settings.router_port)
+        settings = replace(settings, router=replace(settings.router, sender_target=sender))
+        router = await start("router", settings.router, settings.router.router_port)
         yield LocalStack(
             settings=settings,
             ingest=ingest,
@@ -137,6 +139,7 @@ def banner(stack: LocalStack) -> str:
     def where(url: str, embedded: bool) -> str:
         return f"{url} (embedded, removed on exit)" if embedded else url
 
+    common = stack.settings.common
     lines = [
         "",
         "Sluice is running. Ctrl-C stops everything.",
@@ -144,8 +147,8 @@ def banner(stack: LocalStack) -> str:
         f"  ingest    {stack.ingest:<22} sluice.v1.IngestService",
         f"  router    {stack.router:<22} sluice.v1.RouterService",
         f"  sender    {stack.sender:<22} sluice.v1.SenderService",
-        f"  postgres  {where(redact_url(stack.settings.database_url), stack.embedded_database)}",
-        f"  redis     {where(stack.settings.redis_url, stack.embedded_redis)}",
+        f"  postgres  {where(redact_url(common.database_url), stack.embedded_database)}",
+        f"  redis     {where(common.redis_url, stack.embedded_redis)}",
         "  providers",
     ]
     for p in stack.providers:
@@ -215,8 +218,8 @@ async def run_stoppable(
 
 def run_dev(state_dir: str) -> int:
     """``sluice dev``: runs the local stack until Ctrl-C."""
-    settings = Settings.from_env()
-    configure_logging(settings, "dev")
+    settings = StackSettings.from_env()
+    configure_logging(settings.common, "dev")
 
     async def body(stop: asyncio.Event, ready: asyncio.Event) -> int:
         async with local_stack(settings, state_dir=Path(state_dir)) as stack:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol
+from typing import Any, Protocol
 
 from sluice.common.errors import ConfigError
 from sluice.common.grpcserver import ServerHandle, install_stop_signals
 from sluice.common.logging import setup_logging
-from sluice.common.settings import Settings
+from sluice.common.settings import CommonSettings
 from sluice.common.telemetry import Telemetry, setup_tracing
 
 log = logging.getLogger("sluice.cli")
@@ -27,7 +27,7 @@ class RunningFactory(Protocol):
     """The ``running()`` context manager every service's ``app`` module provides."""
 
     def __call__(
-        self, settings: Settings, telemetry: Telemetry, *, port: int | None = None
+        self, settings: Any, telemetry: Telemetry, *, port: int | None = None
     ) -> AbstractAsyncContextManager[ServerHandle]: ...
 
 
@@ -48,22 +48,36 @@ def service_app(service: str) -> RunningFactory:
     raise ConfigError(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
 
 
-def configure_logging(settings: Settings, service: str = "", *, level: str | None = None) -> None:
-    """setup_logging with a start-up error (not a traceback) for an unknown level name."""
-    if not isinstance(logging.getLevelName(settings.log_level.upper()), int):
-        raise ConfigError(
-            f"SLUICE_LOG_LEVEL={settings.log_level!r} is not one of "
-            "DEBUG, INFO, WARNING, ERROR, CRITICAL"
-        )
+def service_settings(service: str) -> type[CommonSettings]:
+    """The settings class of one service."""
+    if service == "ingest":
+        from sluice.ingest.settings import IngestSettings
+
+        return IngestSettings
+    if service == "router":
+        from sluice.router.settings import RouterSettings
+
+        return RouterSettings
+    if service == "sender":
+        from sluice.sender.settings import SenderSettings
+
+        return SenderSettings
+    raise ConfigError(f"unknown service {service!r}; choose one of {', '.join(SERVICES)}")
+
+
+def configure_logging(
+    settings: CommonSettings, service: str = "", *, level: str | None = None
+) -> None:
+    """setup_logging as the settings say (their validation already checked the level)."""
     setup_logging((level or settings.log_level).upper(), settings.log_format, service=service)
 
 
-def make_telemetry(settings: Settings, service: str) -> Telemetry:
+def make_telemetry(settings: CommonSettings, service: str) -> Telemetry:
     """This process's tracing for ``service``, as the settings ask."""
     return setup_tracing(service, settings.otel_exporter, otlp_endpoint=settings.otlp_endpoint)
 
 
-async def serve(service: str, settings: Settings) -> None:
+async def serve(service: str, settings: CommonSettings) -> None:
     """Runs ``service`` until a stop signal, then lets its context shut it down."""
     running = service_app(service)
     stop = asyncio.Event()
@@ -89,7 +103,7 @@ async def serve(service: str, settings: Settings) -> None:
 
 def run_serve(service: str) -> int:
     """``sluice serve SERVICE``: ConfigError and Unavailable propagate to ``main``."""
-    settings = Settings.from_env()
+    settings = service_settings(service).from_env()
     configure_logging(settings, service)
     asyncio.run(serve(service, settings))
     return 0
@@ -106,7 +120,7 @@ def run_migrate() -> int:
     """``sluice migrate``: prints each migration applied, or that the schema is current."""
     from sluice.common.logging import redact_url
 
-    settings = Settings.from_env()
+    settings = CommonSettings.from_env()
     configure_logging(settings, level="WARNING")
     url = settings.require_database()
     applied = asyncio.run(migrate(url))

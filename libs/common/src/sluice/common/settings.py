@@ -1,82 +1,140 @@
-"""Settings: read once from an environment mapping into a frozen object.
+"""Settings: read once from an environment mapping into a frozen object per service.
 
-Every service builds one :class:`Settings` at start-up with :func:`Settings.from_env` and
-passes it down; nothing else reads the environment. A bad value fails at start-up with a
-message naming the variable.
+Each service composes :class:`CommonSettings` (what every process needs: where PostgreSQL
+and Redis are, logging, tracing, the shutdown budget) with its own knobs, in its own
+package (``sluice.ingest.settings.IngestSettings`` and so on), so ingest is never configured
+with router knobs. A service builds its settings once at start-up with ``from_env`` and
+passes them down; nothing else reads the environment.
+
+A bad value fails at start-up with a message naming the variable, and so does a
+``SLUICE_*`` variable that no Sluice service knows (a typo such as
+``SLUICE_ROUTER_BACH_SIZE`` must not silently keep the default). A variable that belongs to
+another service is fine: one environment often configures the whole stack.
 """
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import importlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from sluice.common.errors import ConfigError
 
-T = TypeVar("T")
+S = TypeVar("S", bound="CommonSettings")
 
 _EXPORTERS = ("none", "console", "otlp")
 _LOG_FORMATS = ("json", "text")
+_LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+#: Variables that are not SLUICE_* but are read as settings.
+ALIASES: Mapping[str, str] = {
+    "database_url": "DATABASE_URL",
+    "redis_url": "REDIS_URL",
+    "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
+}
+
+#: SLUICE_* variables that are read by something other than a settings class (the test
+#: suite, the CLI's own switches); they are never reported as unknown.
+EXTRA_KNOWN_VARIABLES: set[str] = {
+    "SLUICE_TEST_PG_ADMIN_DSN",
+    "SLUICE_TEST_REDIS_URL",
+    "SLUICE_TEST_EMBEDDED",
+}
+
+_REGISTRY: list[type[CommonSettings]] = []
+
+#: Where each service keeps its settings class. Imported (when installed) before unknown
+#: variables are judged, so ``sluice serve ingest`` knows the router's variables too.
+SERVICE_SETTINGS_MODULES = (
+    "sluice.ingest.settings",
+    "sluice.router.settings",
+    "sluice.sender.settings",
+)
+
+
+def variable_name(field_name: str) -> str:
+    """The environment variable a settings field is read from."""
+    return ALIASES.get(field_name, f"SLUICE_{field_name.upper()}")
+
+
+def known_variables() -> frozenset[str]:
+    """Every variable any settings class defined so far reads, plus the extra known ones."""
+    for module in SERVICE_SETTINGS_MODULES:
+        with contextlib.suppress(ModuleNotFoundError):
+            importlib.import_module(module)
+    names = set(EXTRA_KNOWN_VARIABLES)
+    for cls in _REGISTRY:
+        names.update(variable_name(f.name) for f in fields(cls))
+    return frozenset(names)
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """``SLUICE_*`` variables in ``env`` that no settings class reads, sorted."""
+    known = known_variables()
+    return sorted(k for k in env if k.startswith("SLUICE_") and k not in known)
+
+
+def _converter(default: object) -> Callable[[str], object]:
+    if isinstance(default, bool):
+        return _parse_bool
+    if isinstance(default, int):
+        return int
+    if isinstance(default, float):
+        return float
+    return str
 
 
 @dataclass(frozen=True)
-class Settings:
-    """All of Sluice's configuration. See the README's configuration reference."""
+class CommonSettings:
+    """What every Sluice process needs. See the README's configuration reference."""
+
+    #: The service these settings are for ("" for the common part alone); used in messages.
+    service: ClassVar[str] = ""
 
     database_url: str = ""
     redis_url: str = ""
     redis_prefix: str = "sluice"
     listen_host: str = "127.0.0.1"
-    ingest_port: int = 50051
-    router_port: int = 50052
-    sender_port: int = 50053
-    sender_target: str = "127.0.0.1:50053"
     providers_file: str = ""
     log_level: str = "INFO"
     log_format: str = "text"
     otel_exporter: str = "none"
     otlp_endpoint: str = "http://127.0.0.1:4317"
     db_pool_size: int = 10
-    router_batch_size: int = 500
-    router_concurrency: int = 4
-    router_idle_sleep: float = 0.2
-    lease_seconds: float = 30.0
-    max_attempts: int = 8
-    retry_base_seconds: float = 5.0
-    retry_max_seconds: float = 600.0
-    default_deadline_seconds: float = 86_400.0
-    sender_timeout_seconds: float = 10.0
     shutdown_grace_seconds: float = 10.0
+    #: Port of the Prometheus /metrics (and /healthz) HTTP listener; -1 turns it off.
+    metrics_port: int = -1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _REGISTRY.append(cls)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+    def from_env(
+        cls: type[S], env: Mapping[str, str] | None = None, *, check_unknown: bool = True
+    ) -> S:
         """Builds settings from ``SLUICE_*`` variables (plus ``DATABASE_URL``, ``REDIS_URL``
-        and ``OTEL_EXPORTER_OTLP_ENDPOINT``); unset variables keep their defaults."""
+        and ``OTEL_EXPORTER_OTLP_ENDPOINT``); unset or empty variables keep their defaults.
+
+        Raises ConfigError naming the variable for a value of the wrong type or out of
+        range, and (with ``check_unknown``) for a ``SLUICE_*`` variable no service reads.
+        """
         env = os.environ if env is None else env
+        if check_unknown:
+            _check_unknown(env)
         values: dict[str, object] = {}
-        aliases = {
-            "database_url": "DATABASE_URL",
-            "redis_url": "REDIS_URL",
-            "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
-        }
         for f in fields(cls):
-            name = aliases.get(f.name, f"SLUICE_{f.name.upper()}")
+            name = variable_name(f.name)
             raw = env.get(name)
             if raw is None or raw == "":
                 continue
             default = f.default
-            conv: Callable[[str], object]
-            if isinstance(default, bool):
-                conv = _parse_bool
-            elif isinstance(default, int):
-                conv = int
-            elif isinstance(default, float):
-                conv = float
-            else:
-                conv = str
             try:
-                values[f.name] = conv(raw)
+                values[f.name] = _converter(default)(raw)
             except ValueError as exc:
                 raise ConfigError(
                     f"{name}={raw!r} is not a valid {type(default).__name__}"
@@ -91,19 +149,37 @@ class Settings:
             raise ConfigError(f"SLUICE_OTEL_EXPORTER must be one of {', '.join(_EXPORTERS)}")
         if self.log_format not in _LOG_FORMATS:
             raise ConfigError(f"SLUICE_LOG_FORMAT must be one of {', '.join(_LOG_FORMATS)}")
+        if self.log_level.upper() not in _LOG_LEVELS:
+            raise ConfigError(
+                f"SLUICE_LOG_LEVEL={self.log_level!r} is not one of {', '.join(_LOG_LEVELS)}"
+            )
         if "{" in self.redis_prefix or "}" in self.redis_prefix:
             raise ConfigError("SLUICE_REDIS_PREFIX must not contain braces (they make hash tags)")
-        for name in ("router_batch_size", "router_concurrency", "max_attempts", "db_pool_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"SLUICE_{name.upper()} must be at least 1")
-        for name in ("lease_seconds", "sender_timeout_seconds", "retry_base_seconds"):
+        self.require_at_least(1, "db_pool_size")
+        self.require_positive("shutdown_grace_seconds")
+        self.require_port("metrics_port", allow_off=True)
+
+    # ---- helpers for subclasses' validate() ---------------------------------------------------
+
+    def require_at_least(self, minimum: float, *names: str) -> None:
+        """ConfigError unless each named field is at least ``minimum``."""
+        for name in names:
+            if getattr(self, name) < minimum:
+                raise ConfigError(f"{variable_name(name)} must be at least {minimum}")
+
+    def require_positive(self, *names: str) -> None:
+        """ConfigError unless each named field is greater than zero."""
+        for name in names:
             if getattr(self, name) <= 0:
-                raise ConfigError(f"SLUICE_{name.upper()} must be positive")
-        if self.sender_timeout_seconds >= self.lease_seconds:
-            raise ConfigError(
-                "SLUICE_SENDER_TIMEOUT_SECONDS must be shorter than SLUICE_LEASE_SECONDS, "
-                "or a lease could expire while its batch is still being sent"
-            )
+                raise ConfigError(f"{variable_name(name)} must be positive")
+
+    def require_port(self, name: str, *, allow_off: bool = False) -> None:
+        """ConfigError unless the field is a TCP port (0 = any free one; -1 = off if allowed)."""
+        value = getattr(self, name)
+        low = -1 if allow_off else 0
+        if not low <= value <= 65535:
+            off = " or -1 to turn it off" if allow_off else ""
+            raise ConfigError(f"{variable_name(name)}={value} must be a port 0-65535{off}")
 
     def require_database(self) -> str:
         """The database URL, or a start-up error naming DATABASE_URL."""
@@ -118,6 +194,28 @@ class Settings:
         return self.redis_url
 
 
+def _check_unknown(env: Mapping[str, str]) -> None:
+    unknown = unknown_variables(env)
+    if not unknown:
+        return
+    known = sorted(known_variables())
+    hints = []
+    for name in unknown:
+        close = difflib.get_close_matches(name, known, n=1)
+        hints.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    raise ConfigError(
+        "unknown setting"
+        + ("s " if len(unknown) > 1 else " ")
+        + ", ".join(hints)
+        + "; see the README's configuration reference"
+    )
+
+
+def register_known_variables(names: Iterable[str]) -> None:
+    """Declares ``SLUICE_*`` variables read outside a settings class as known."""
+    EXTRA_KNOWN_VARIABLES.update(names)
+
+
 def _parse_bool(raw: str) -> bool:
     lowered = raw.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -125,3 +223,6 @@ def _parse_bool(raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ValueError(raw)
+
+
+_REGISTRY.append(CommonSettings)

@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import ServerHandle, build_server
-from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry
 from sluice.ingest.service import IngestServicer
+from sluice.ingest.settings import IngestSettings
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -17,7 +17,7 @@ SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, telemetry: Telemetry, *, port: int | None = None
+    settings: IngestSettings, telemetry: Telemetry, *, port: int | None = None
 ) -> AsyncIterator[ServerHandle]:
     """Runs the ingest gRPC server until the block exits, then shuts it down in order."""
     async with contextlib.AsyncExitStack() as stack:

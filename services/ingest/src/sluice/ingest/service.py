@@ -16,12 +16,12 @@ import grpc
 
 from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError, Unavailable
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
-from sluice.common.settings import Settings
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
+from sluice.ingest.settings import IngestSettings
 from sluice.ingest.validation import validate_submission
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
@@ -109,7 +109,7 @@ def _conflict(key: str, intent_id: uuid.UUID | None) -> AlreadyExists:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Validates and stores intents; answers questions about them."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: IngestSettings) -> None:
         self._pool = pool
         self._templates = TemplateCache(pool)
         self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)

@@ -12,11 +12,11 @@ import grpc
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import MAX_MESSAGE_BYTES, ServerHandle, build_server
 from sluice.common.providers import load_providers
-from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry
 from sluice.router.dispatch import Dispatcher
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.service import RouterServicer
+from sluice.router.settings import RouterSettings
 from sluice.v1 import router_pb2, router_pb2_grpc, sender_pb2_grpc
 
 if TYPE_CHECKING:
@@ -40,7 +40,7 @@ SENDER_CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, telemetry: Telemetry, *, port: int | None = None
+    settings: RouterSettings, telemetry: Telemetry, *, port: int | None = None
 ) -> AsyncIterator[ServerHandle]:
     """Runs the router (admin gRPC server plus dispatcher) until the block exits.
 

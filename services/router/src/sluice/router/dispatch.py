@@ -37,7 +37,6 @@ from opentelemetry import trace
 from sluice.common.db import Executor
 from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
-from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry, context_from_traceparent, current_traceparent
 from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
@@ -55,6 +54,7 @@ from sluice.router.routing import (
     resolve_batch_failure,
     retry_after_seconds,
 )
+from sluice.router.settings import RouterSettings
 from sluice.router.stats import DispatchStats, RoundResult
 from sluice.router.tracing import _batch_link, _end_route_span
 from sluice.v1 import sender_pb2
@@ -96,7 +96,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        settings: Settings,
+        settings: RouterSettings,
         pool: Executor,
         sender: SenderServiceAsyncStub,
         providers: Sequence[ProviderConfig],

@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator
 from sluice.common.grpcserver import ServerHandle, build_server
 from sluice.common.providers import load_providers
 from sluice.common.redis import create_redis
-from sluice.common.settings import Settings
 from sluice.common.telemetry import Telemetry
 from sluice.sender.providers import build_provider
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.service import SenderServicer
+from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 
 SERVICE_NAME = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
@@ -20,7 +20,7 @@ SERVICE_NAME = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
 
 @contextlib.asynccontextmanager
 async def running(
-    settings: Settings, telemetry: Telemetry, *, port: int | None = None
+    settings: SenderSettings, telemetry: Telemetry, *, port: int | None = None
 ) -> AsyncIterator[ServerHandle]:
     """Runs the sender gRPC server until the block exits, then shuts it down in order."""
     providers = {p.name: p for p in load_providers(settings.providers_file)}

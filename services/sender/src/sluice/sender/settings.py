@@ -1,0 +1,21 @@
+"""The sender's settings: the common part plus what only the sender reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from sluice.common.settings import CommonSettings
+
+
+@dataclass(frozen=True)
+class SenderSettings(CommonSettings):
+    """The sender's configuration (``SLUICE_*``); see the README's configuration reference."""
+
+    service: ClassVar[str] = "sender"
+
+    sender_port: int = 50053
+
+    def validate(self) -> None:
+        super().validate()
+        self.require_port("sender_port")
