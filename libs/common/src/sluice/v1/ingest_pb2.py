@@ -25,31 +25,37 @@ _sym_db = _symbol_database.Default()
 from sluice.v1 import intent_pb2 as sluice_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"]\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\"y\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xca\x02\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"\x88\x01\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.sluice.v1.SubmitOutcome\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"X\n\x19SubmitIntentStreamRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\x12\r\n\x05\x63hunk\x18\x02 \x01(\x03\"\x92\x01\n\x1aSubmitIntentStreamResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x03\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x05\x12\x12\n\nduplicates\x18\x04 \x01(\x05\x12\x10\n\x08rejected\x18\x05 \x01(\x05\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\"y\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t*\x86\x01\n\rSubmitOutcome\x12\x1e\n\x1aSUBMIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_OUTCOME_CREATED\x10\x01\x12\x1c\n\x18SUBMIT_OUTCOME_DUPLICATE\x10\x02\x12\x1b\n\x17SUBMIT_OUTCOME_REJECTED\x10\x03\x32\xb1\x03\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x65\n\x12SubmitIntentStream\x12$.sluice.v1.SubmitIntentStreamRequest\x1a%.sluice.v1.SubmitIntentStreamResponse(\x01\x30\x01\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SUBMITOUTCOME']._serialized_start=1037
+  _globals['_SUBMITOUTCOME']._serialized_end=1171
   _globals['_SUBMITINTENTREQUEST']._serialized_start=61
   _globals['_SUBMITINTENTREQUEST']._serialized_end=127
   _globals['_SUBMITINTENTRESPONSE']._serialized_start=129
   _globals['_SUBMITINTENTRESPONSE']._serialized_end=208
   _globals['_SUBMITINTENTSREQUEST']._serialized_start=210
   _globals['_SUBMITINTENTSREQUEST']._serialized_end=278
-  _globals['_SUBMITINTENTRESULT']._serialized_start=280
-  _globals['_SUBMITINTENTRESULT']._serialized_end=373
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=375
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=446
-  _globals['_GETINTENTREQUEST']._serialized_start=448
-  _globals['_GETINTENTREQUEST']._serialized_end=478
-  _globals['_GETINTENTRESPONSE']._serialized_start=480
-  _globals['_GETINTENTRESPONSE']._serialized_end=539
-  _globals['_LISTINTENTSREQUEST']._serialized_start=541
-  _globals['_LISTINTENTSREQUEST']._serialized_end=662
-  _globals['_LISTINTENTSRESPONSE']._serialized_start=664
-  _globals['_LISTINTENTSRESPONSE']._serialized_end=751
-  _globals['_INGESTSERVICE']._serialized_start=754
-  _globals['_INGESTSERVICE']._serialized_end=1084
+  _globals['_SUBMITINTENTRESULT']._serialized_start=281
+  _globals['_SUBMITINTENTRESULT']._serialized_end=417
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=419
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=490
+  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_start=492
+  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_end=580
+  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_start=583
+  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_end=729
+  _globals['_GETINTENTREQUEST']._serialized_start=731
+  _globals['_GETINTENTREQUEST']._serialized_end=761
+  _globals['_GETINTENTRESPONSE']._serialized_start=763
+  _globals['_GETINTENTRESPONSE']._serialized_end=822
+  _globals['_LISTINTENTSREQUEST']._serialized_start=824
+  _globals['_LISTINTENTSREQUEST']._serialized_end=945
+  _globals['_LISTINTENTSRESPONSE']._serialized_start=947
+  _globals['_LISTINTENTSRESPONSE']._serialized_end=1034
+  _globals['_INGESTSERVICE']._serialized_start=1174
+  _globals['_INGESTSERVICE']._serialized_end=1607
 # @@protoc_insertion_point(module_scope)

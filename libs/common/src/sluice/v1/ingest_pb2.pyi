@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.v1 import intent_pb2 as _intent_pb2
 import builtins as _builtins
 import sys
@@ -18,6 +19,36 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _SubmitOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SubmitOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SubmitOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SUBMIT_OUTCOME_UNSPECIFIED: _SubmitOutcome.ValueType  # 0
+    SUBMIT_OUTCOME_CREATED: _SubmitOutcome.ValueType  # 1
+    """Stored by this call."""
+    SUBMIT_OUTCOME_DUPLICATE: _SubmitOutcome.ValueType  # 2
+    """Its idempotency key already named an intent with the same content; nothing new
+    was stored and intent_id is the existing intent.
+    """
+    SUBMIT_OUTCOME_REJECTED: _SubmitOutcome.ValueType  # 3
+    """Refused; error says why."""
+
+class SubmitOutcome(_SubmitOutcome, metaclass=_SubmitOutcomeEnumTypeWrapper):
+    """What happened to one submitted item."""
+
+SUBMIT_OUTCOME_UNSPECIFIED: SubmitOutcome.ValueType  # 0
+SUBMIT_OUTCOME_CREATED: SubmitOutcome.ValueType  # 1
+"""Stored by this call."""
+SUBMIT_OUTCOME_DUPLICATE: SubmitOutcome.ValueType  # 2
+"""Its idempotency key already named an intent with the same content; nothing new
+was stored and intent_id is the existing intent.
+"""
+SUBMIT_OUTCOME_REJECTED: SubmitOutcome.ValueType  # 3
+"""Refused; error says why."""
+Global___SubmitOutcome: _TypeAlias = SubmitOutcome  # noqa: Y015
 
 @_typing.final
 class SubmitIntentRequest(_message.Message):
@@ -70,7 +101,7 @@ class SubmitIntentsRequest(_message.Message):
     INTENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def intents(self) -> _containers.RepeatedCompositeFieldContainer[_intent_pb2.IntentSubmission]:
-        """At most 1,000 items."""
+        """At most 10,000 items."""
 
     def __init__(
         self,
@@ -94,13 +125,17 @@ class SubmitIntentResult(_message.Message):
     INTENT_ID_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
     intent_id: _builtins.str
     """Set when the item was stored (now or by an earlier call with the same key)."""
     created: _builtins.bool
     """False when the idempotency key named an intent that already existed."""
+    outcome: Global___SubmitOutcome.ValueType
     @_builtins.property
     def error(self) -> _intent_pb2.ItemError:
-        """Set when the item was rejected; intent_id is then empty."""
+        """Set when the item was rejected; intent_id is then empty, except for a reused
+        key, where error.metadata["intent_id"] names the existing intent.
+        """
 
     def __init__(
         self,
@@ -108,10 +143,11 @@ class SubmitIntentResult(_message.Message):
         intent_id: _builtins.str = ...,
         created: _builtins.bool = ...,
         error: _intent_pb2.ItemError | None = ...,
+        outcome: Global___SubmitOutcome.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["error", b"error"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "intent_id", b"intent_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "error", b"error", "intent_id", b"intent_id", "outcome", b"outcome"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -136,6 +172,67 @@ class SubmitIntentsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitIntentsResponse: _TypeAlias = SubmitIntentsResponse  # noqa: Y015
+
+@_typing.final
+class SubmitIntentStreamRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INTENTS_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.int
+    """The client's number for this chunk, echoed in its response."""
+    @_builtins.property
+    def intents(self) -> _containers.RepeatedCompositeFieldContainer[_intent_pb2.IntentSubmission]:
+        """At most 10,000 items a chunk."""
+
+    def __init__(
+        self,
+        *,
+        intents: _abc.Iterable[_intent_pb2.IntentSubmission] | None = ...,
+        chunk: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "intents", b"intents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitIntentStreamRequest: _TypeAlias = SubmitIntentStreamRequest  # noqa: Y015
+
+@_typing.final
+class SubmitIntentStreamResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHUNK_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    DUPLICATES_FIELD_NUMBER: _builtins.int
+    REJECTED_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.int
+    """The chunk these results are for."""
+    created: _builtins.int
+    duplicates: _builtins.int
+    rejected: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitIntentResult]:
+        """One per item of the chunk, in order."""
+
+    def __init__(
+        self,
+        *,
+        chunk: _builtins.int = ...,
+        results: _abc.Iterable[Global___SubmitIntentResult] | None = ...,
+        created: _builtins.int = ...,
+        duplicates: _builtins.int = ...,
+        rejected: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "created", b"created", "duplicates", b"duplicates", "rejected", b"rejected", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitIntentStreamResponse: _TypeAlias = SubmitIntentStreamResponse  # noqa: Y015
 
 @_typing.final
 class GetIntentRequest(_message.Message):

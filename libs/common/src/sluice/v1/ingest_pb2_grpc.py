@@ -45,6 +45,11 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentsRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentsResponse.FromString,
                 _registered_method=True)
+        self.SubmitIntentStream = channel.stream_stream(
+                '/sluice.v1.IngestService/SubmitIntentStream',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamResponse.FromString,
+                _registered_method=True)
         self.GetIntent = channel.unary_unary(
                 '/sluice.v1.IngestService/GetIntent',
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.GetIntentRequest.SerializeToString,
@@ -76,6 +81,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitIntentStream(self, request_iterator, context):
+        """Stores a campaign of any size as a stream of chunks: the server answers each
+        chunk, in order, once it is stored, and reads the next one only then (flow
+        control), so a client never holds more than a few chunks in flight.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetIntent(self, request, context):
         """Returns one intent by id.
         """
@@ -102,6 +116,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.SubmitIntents,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentsRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentsResponse.SerializeToString,
+            ),
+            'SubmitIntentStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitIntentStream,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamResponse.SerializeToString,
             ),
             'GetIntent': grpc.unary_unary_rpc_method_handler(
                     servicer.GetIntent,
@@ -169,6 +188,33 @@ class IngestService:
             '/sluice.v1.IngestService/SubmitIntents',
             sluice_dot_v1_dot_ingest__pb2.SubmitIntentsRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.SubmitIntentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitIntentStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/sluice.v1.IngestService/SubmitIntentStream',
+            sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.SubmitIntentStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,11 @@ class IngestServiceStub:
     """Stores many intents in one call, with a result per item: one bad item does not
     reject the others.
     """
+    SubmitIntentStream: _grpc.StreamStreamMultiCallable[_ingest_pb2.SubmitIntentStreamRequest, _ingest_pb2.SubmitIntentStreamResponse]
+    """Stores a campaign of any size as a stream of chunks: the server answers each
+    chunk, in order, once it is stored, and reads the next one only then (flow
+    control), so a client never holds more than a few chunks in flight.
+    """
     GetIntent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIntentRequest, _ingest_pb2.GetIntentResponse]
     """Returns one intent by id."""
     ListIntents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListIntentsRequest, _ingest_pb2.ListIntentsResponse]
@@ -54,6 +59,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     SubmitIntents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.SubmitIntentsRequest, _ingest_pb2.SubmitIntentsResponse]  # type: ignore[assignment]
     """Stores many intents in one call, with a result per item: one bad item does not
     reject the others.
+    """
+    SubmitIntentStream: _aio.StreamStreamMultiCallable[_ingest_pb2.SubmitIntentStreamRequest, _ingest_pb2.SubmitIntentStreamResponse]  # type: ignore[assignment]
+    """Stores a campaign of any size as a stream of chunks: the server answers each
+    chunk, in order, once it is stored, and reads the next one only then (flow
+    control), so a client never holds more than a few chunks in flight.
     """
     GetIntent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIntentRequest, _ingest_pb2.GetIntentResponse]  # type: ignore[assignment]
     """Returns one intent by id."""
@@ -79,6 +89,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.SubmitIntentsResponse, _abc.Awaitable[_ingest_pb2.SubmitIntentsResponse]]:
         """Stores many intents in one call, with a result per item: one bad item does not
         reject the others.
+        """
+
+    @_abc_1.abstractmethod
+    def SubmitIntentStream(
+        self,
+        request_iterator: _MaybeAsyncIterator[_ingest_pb2.SubmitIntentStreamRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_pb2.SubmitIntentStreamResponse], _abc.AsyncIterator[_ingest_pb2.SubmitIntentStreamResponse]]:
+        """Stores a campaign of any size as a stream of chunks: the server answers each
+        chunk, in order, once it is stored, and reads the next one only then (flow
+        control), so a client never holds more than a few chunks in flight.
         """
 
     @_abc_1.abstractmethod

@@ -136,18 +136,25 @@ class IntentSubmission(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     SEND_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
-    """Required. The same key always names the same intent: a retry with the same
-    key and payload returns the existing intent; a different payload is an error.
+    """The same key always names the same intent: a retry with the same key and
+    payload returns the existing intent; a different payload is an error
+    (ALREADY_EXISTS, reason IDEMPOTENCY_KEY_REUSED). Optional when campaign_id is
+    set: the key is then derived from (campaign_id, run, recipient, template_id).
     """
     campaign_id: _builtins.str
-    """Optional grouping, used by ListIntents and the demo summary."""
+    """Grouping, used by ListIntents and for derived idempotency keys."""
     recipient: _builtins.str
     """Required. One address, internationalised addresses allowed."""
     intent: Global___Intent.ValueType
     """Required."""
     template_id: _builtins.str
     """Required. A template stored in Sluice."""
+    run: _builtins.str
+    """The occurrence of a recurring campaign (for example "2026-W49"): next week's
+    run of the same campaign is new mail, a retry of this week's is not.
+    """
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """Values for the template's declared variables."""
@@ -171,10 +178,11 @@ class IntentSubmission(_message.Message):
         variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         send_at: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        run: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "send_at", b"send_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "send_at", b"send_at", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "run", b"run", "send_at", b"send_at", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -222,6 +230,8 @@ class EmailIntent(_message.Message):
     LAST_ERROR_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    RUN_FIELD_NUMBER: _builtins.int
+    SMTPUTF8_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID)."""
     idempotency_key: _builtins.str
@@ -238,6 +248,12 @@ class EmailIntent(_message.Message):
     """Attempts that reached a provider (throttling is not an attempt)."""
     last_error: _builtins.str
     """The latest failure, if any."""
+    run: _builtins.str
+    """The occurrence of a recurring campaign, as submitted."""
+    smtputf8: _builtins.bool
+    """True when the recipient address needs SMTPUTF8 (an internationalised local
+    part): only providers that can take it are used.
+    """
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -267,10 +283,12 @@ class EmailIntent(_message.Message):
         last_error: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        run: _builtins.str = ...,
+        smtputf8: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "send_at", b"send_at", "status", b"status", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "run", b"run", "send_at", b"send_at", "smtputf8", b"smtputf8", "status", b"status", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -282,24 +300,54 @@ class ItemError(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class MetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     FIELD_VIOLATIONS_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
     code: _builtins.int
     """A google.rpc.Code value (for example 3 for INVALID_ARGUMENT)."""
     message: _builtins.str
+    reason: _builtins.str
+    """A stable reason, as in google.rpc.ErrorInfo (see the README's error reasons)."""
     @_builtins.property
     def field_violations(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldViolation]: ...
+    @_builtins.property
+    def metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """As google.rpc.ErrorInfo.metadata, e.g. the existing intent_id when a key is reused."""
+
     def __init__(
         self,
         *,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
         field_violations: _abc.Iterable[Global___FieldViolation] | None = ...,
+        reason: _builtins.str = ...,
+        metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "field_violations", b"field_violations", "message", b"message", "metadata", b"metadata", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
