@@ -10,10 +10,14 @@ from hypothesis import strategies as st
 
 from sluice.common.errors import InvalidArgument
 from sluice.ingest.repository import TemplateRow
-from sluice.ingest.validation import payload_hash, validate_submission
+from sluice.ingest.validation import Policy, payload_hash, validate_submission
 from sluice.v1 import intent_pb2
 
 NOW = datetime(2026, 11, 29, 12, 0, tzinfo=UTC)
+POLICY = Policy(
+    default_deadline=timedelta(hours=24),
+    smtputf8_kinds=frozenset({"transactional", "marketing", "digest"}),
+)
 TEMPLATES = {
     "welcome": TemplateRow(
         id="welcome",
@@ -42,7 +46,7 @@ def submission(**overrides: object) -> intent_pb2.IntentSubmission:
 
 def validate(sub: intent_pb2.IntentSubmission):  # type: ignore[no-untyped-def]
     return validate_submission(
-        sub, TEMPLATES, now=NOW, default_deadline=timedelta(hours=24), traceparent=None
+        sub, TEMPLATES, now=NOW, policy=POLICY, traceparent=None
     )
 
 
@@ -73,7 +77,7 @@ def test_international_addresses_are_accepted(address: str) -> None:
 def test_every_bad_field_is_reported_at_once() -> None:
     bad = violations(
         submission(
-            idempotency_key="",
+            idempotency_key="bad\x00key",
             recipient="not an address",
             intent=intent_pb2.INTENT_UNSPECIFIED,
             template_id="nope",
@@ -109,7 +113,7 @@ def test_field_prefix_names_the_batch_item() -> None:
             submission(recipient="x"),
             TEMPLATES,
             now=NOW,
-            default_deadline=timedelta(hours=1),
+            policy=POLICY,
             traceparent=None,
             field_prefix="intents[7]",
         )

@@ -135,11 +135,19 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         )
 
 
-def build_server(telemetry: Telemetry) -> grpc.aio.Server:
-    """A ``grpc.aio`` server with the tracing and error interceptors installed."""
+def build_server(
+    telemetry: Telemetry, *, max_receive_bytes: int = MAX_MESSAGE_BYTES
+) -> grpc.aio.Server:
+    """A ``grpc.aio`` server with the tracing and error interceptors installed.
+
+    A request larger than ``max_receive_bytes`` is refused by gRPC with RESOURCE_EXHAUSTED
+    before any handler runs."""
+    options = [
+        (k, max_receive_bytes if k == "grpc.max_receive_message_length" else v)
+        for k, v in SERVER_OPTIONS
+    ]
     return grpc.aio.server(
-        interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
-        options=list(SERVER_OPTIONS),
+        interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()], options=options
     )
 
 

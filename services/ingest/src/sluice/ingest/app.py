@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import ServerHandle, build_server
+from sluice.common.providers import load_providers
 from sluice.common.telemetry import Telemetry
 from sluice.ingest.service import IngestServicer
 from sluice.ingest.settings import IngestSettings
@@ -23,9 +24,10 @@ async def running(
     async with contextlib.AsyncExitStack() as stack:
         pool = await create_pool(settings.require_database(), max_size=settings.db_pool_size)
         stack.push_async_callback(pool.close)
-        servicer = IngestServicer(pool, settings)
+        servicer = IngestServicer(pool, settings, load_providers(settings.providers_file))
         stack.push_async_callback(servicer.aclose)
-        handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
+        server = build_server(telemetry, max_receive_bytes=settings.ingest_max_request_bytes)
+        handle = ServerHandle(server, [SERVICE_NAME])
         ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, handle.server)
         await handle.start(settings.listen_host, settings.ingest_port if port is None else port)
         stack.push_async_callback(handle.stop, settings.shutdown_grace_seconds)

@@ -57,16 +57,17 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 INSERT_INTENTS_SQL = """
 INSERT INTO intents (
     id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-    template_id, variables, send_at, deadline, due_at, traceparent
+    template_id, variables, send_at, deadline, due_at, traceparent, run, smtputf8
 )
 SELECT u.id, u.idempotency_key, u.payload_hash, u.campaign_id, u.recipient,
        u.kind::intent_kind, u.priority, u.template_id, u.variables::jsonb,
-       u.send_at, u.deadline, u.send_at, u.traceparent
+       u.send_at, u.deadline, u.send_at, u.traceparent, u.run, u.smtputf8
 FROM unnest(
     $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
-    $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[]
+    $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[],
+    $13::text[], $14::bool[]
 ) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-       template_id, variables, send_at, deadline, traceparent)
+       template_id, variables, send_at, deadline, traceparent, run, smtputf8)
 ON CONFLICT (idempotency_key) DO NOTHING
 RETURNING id
 """
@@ -80,7 +81,8 @@ SELECT id, idempotency_key, payload_hash FROM intents WHERE idempotency_key = AN
 _INTENT_COLUMNS = """
     id, idempotency_key, campaign_id, recipient, kind::text AS kind, priority, template_id,
     variables, send_at, deadline, due_at, status::text AS status, provider,
-    provider_message_id, attempts, last_error, traceparent, created_at, updated_at
+    provider_message_id, attempts, last_error, traceparent, created_at, updated_at, run,
+    smtputf8
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
@@ -134,6 +136,8 @@ class NewIntent:
     send_at: datetime
     deadline: datetime
     traceparent: str | None
+    run: str = ""
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +182,8 @@ class IntentRow:
     traceparent: str | None
     created_at: datetime
     updated_at: datetime
+    run: str = ""
+    smtputf8: bool = False
 
 
 def _json_text(variables: Mapping[str, str]) -> str:
@@ -223,6 +229,8 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
             [r.send_at for r in todo],
             [r.deadline for r in todo],
             [r.traceparent for r in todo],
+            [r.run for r in todo],
+            [r.smtputf8 for r in todo],
         )
         inserted_ids = {rec["id"] for rec in inserted}
         skipped: list[NewIntent] = []
@@ -278,6 +286,8 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         traceparent=rec["traceparent"],
         created_at=rec["created_at"],
         updated_at=rec["updated_at"],
+        run=rec["run"],
+        smtputf8=rec["smtputf8"],
     )
 
 

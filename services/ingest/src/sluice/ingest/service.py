@@ -1,48 +1,47 @@
-"""IngestService: the thin gRPC layer over validation and the intents repository."""
+"""IngestService: the thin gRPC layer over admission, validation and the intents repository."""
 
 from __future__ import annotations
 
-import base64
-import binascii
-import hashlib
-import json
+import logging
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TypeVar
 
 import asyncpg
 import grpc
 
-from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError, Unavailable
+from sluice.common.errors import InvalidArgument, NotFound, SluiceError
+from sluice.common.grpcserver import error_status
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
+from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
+from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
+from sluice.ingest.paging import decode_page_token, encode_page_token, filter_fingerprint
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
-from sluice.ingest.validation import validate_submission
+from sluice.ingest.submit import Submitter, db_call
+from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
-T = TypeVar("T")
+log = logging.getLogger("sluice.ingest")
 
-MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+MAX_STREAMS = 8  # SubmitIntentStream calls at once; each holds at most one chunk
+BATCH_EMPTY = "BATCH_EMPTY"
+BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
 
 
-async def _db(awaitable: Awaitable[T]) -> T:
-    """Awaits a repository call, turning a lost database into UNAVAILABLE (safe to retry)."""
-    try:
-        return await awaitable
-    except (
-        OSError,
-        asyncpg.exceptions.InterfaceError,
-        asyncpg.exceptions.CannotConnectNowError,
-        asyncpg.exceptions.ConnectionDoesNotExistError,
-    ) as exc:
-        raise Unavailable(f"database unavailable: {exc}") from exc
+def smtputf8_kinds(providers: Sequence[ProviderConfig]) -> frozenset[str]:
+    """Intent kinds that some enabled provider able to take SMTPUTF8 addresses serves.
+
+    ``ProviderConfig.smtputf8`` says so once the provider adapters define it; until then
+    only the sandbox (which sends nothing) counts as able."""
+    able = (p for p in providers if p.enabled and getattr(p, "smtputf8", p.kind == "sandbox"))
+    return frozenset(kind for p in able for kind in p.intents)
 
 
 def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
@@ -60,6 +59,8 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
         provider_message_id=row.provider_message_id or "",
         attempts=row.attempts,
         last_error=row.last_error or "",
+        run=row.run,
+        smtputf8=row.smtputf8,
     )
     for name, value in (
         ("send_at", row.send_at),
@@ -95,100 +96,156 @@ def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailInten
             traceparent=row.traceparent,
             created_at=created_at,
             updated_at=created_at,
+            run=row.run,
+            smtputf8=row.smtputf8,
         )
     )
 
 
-def _conflict(key: str, intent_id: uuid.UUID | None) -> AlreadyExists:
-    return AlreadyExists(
-        f"idempotency key {key!r} already names an intent with a different payload",
-        metadata={"intent_id": str(intent_id or ""), "idempotency_key": key},
-    )
+def _batch_error(count: int, limit: int, field: str) -> InvalidArgument | None:
+    if count == 0:
+        exc = InvalidArgument("no intents given", [(field, "at least one item")])
+        exc.reason = BATCH_EMPTY
+        return exc
+    if count > limit:
+        exc = InvalidArgument(f"{count} intents in one call", [(field, f"at most {limit} items")])
+        exc.reason = BATCH_TOO_LARGE
+        return exc
+    return None
+
+
+def _check_chunk(chunk: ingest_pb2.SubmitIntentStreamRequest, limit: int) -> None:
+    error = _batch_error(len(chunk.intents), limit, "intents")
+    if error is not None:
+        error.metadata["chunk"] = str(chunk.chunk)
+        raise error
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Validates and stores intents; answers questions about them."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: IngestSettings) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: IngestSettings,
+        providers: Sequence[ProviderConfig] = (),
+    ) -> None:
         self._pool = pool
-        self._templates = TemplateCache(pool)
-        self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
+        self._max_batch = settings.ingest_max_batch
+        policy = Policy(
+            default_deadline=timedelta(seconds=settings.default_deadline_seconds),
+            smtputf8_kinds=smtputf8_kinds(providers),
+            check_deliverability=settings.ingest_check_deliverability,
+        )
+        self._submitter = Submitter(
+            pool,
+            TemplateCache(pool),
+            policy,
+            max_pending_per_campaign=settings.ingest_max_pending_per_campaign,
+        )
+        self.admission = Admission(
+            max_calls=settings.ingest_max_in_flight_calls,
+            max_items=settings.ingest_max_in_flight_intents,
+            retry_after=settings.ingest_retry_after_seconds,
+        )
+        self._streams = Admission(
+            max_calls=MAX_STREAMS, max_items=1, retry_after=settings.ingest_retry_after_seconds
+        )
         self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
 
     async def aclose(self) -> None:
         """Stops the background writers."""
         await self._coalescer.aclose()
 
+    async def _insert_one(self, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
+        return [await self._coalescer.insert(rows[0])]
+
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.SubmitIntentResponse:
-        sub = request.intent
-        templates = await _db(self._templates.get_many([sub.template_id]))
-        now = datetime.now(UTC)
-        row = validate_submission(
-            sub,
-            templates,
-            now=now,
-            default_deadline=self._default_deadline,
-            traceparent=current_traceparent(),
-        )
-        outcome: InsertOutcome = await _db(self._coalescer.insert(row))
-        if outcome.conflict:
-            raise _conflict(row.idempotency_key, outcome.intent_id)
-        if outcome.created:
-            return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
-        assert outcome.intent_id is not None
-        stored = await _db(repository.get_intent(self._pool, outcome.intent_id))
-        if stored is None:  # only if deleted between the two statements
-            raise NotFound(f"intent {outcome.intent_id} no longer exists")
-        return ingest_pb2.SubmitIntentResponse(intent=intent_to_proto(stored), created=False)
+        with self.admission.admit(1):
+            result = ingest_pb2.SubmitIntentResult()
+            now = datetime.now(UTC)
+            (row,) = await self._submitter.submit(
+                [request.intent],
+                [result],
+                field=lambda _: "intent",
+                traceparent=current_traceparent(),
+                insert=self._insert_one,
+            )
+            if isinstance(row, SluiceError):
+                raise row
+            if result.created:
+                return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
+            stored = await db_call(repository.get_intent(self._pool, uuid.UUID(result.intent_id)))
+            if stored is None:  # only if deleted between the two statements
+                raise NotFound(f"intent {result.intent_id} no longer exists")
+            return ingest_pb2.SubmitIntentResponse(intent=intent_to_proto(stored), created=False)
 
     async def SubmitIntents(
         self, request: ingest_pb2.SubmitIntentsRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.SubmitIntentsResponse:
         subs = request.intents
-        if not subs:
-            raise InvalidArgument("no intents given", [("intents", "at least one item")])
-        if len(subs) > MAX_BATCH:
-            raise InvalidArgument(
-                f"{len(subs)} intents in one call", [("intents", f"at most {MAX_BATCH} items")]
+        error = _batch_error(len(subs), self._max_batch, "intents")
+        if error is not None:
+            raise error
+        with self.admission.admit(len(subs)):
+            response = ingest_pb2.SubmitIntentsResponse()
+            results = [response.results.add() for _ in subs]
+            await self._submitter.submit(
+                subs, results, field=lambda i: f"intents[{i}]", traceparent=current_traceparent()
             )
-        templates = await _db(self._templates.get_many(s.template_id for s in subs))
-        now = datetime.now(UTC)
-        traceparent = current_traceparent()
-        results = [ingest_pb2.SubmitIntentResult() for _ in subs]
-        rows: list[NewIntent] = []
-        positions: list[int] = []
-        for i, sub in enumerate(subs):
-            try:
-                rows.append(
-                    validate_submission(
-                        sub,
-                        templates,
-                        now=now,
-                        default_deadline=self._default_deadline,
+            return response
+
+    async def SubmitIntentStream(
+        self,
+        request_iterator: AsyncIterator[ingest_pb2.SubmitIntentStreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[ingest_pb2.SubmitIntentStreamResponse]:
+        # The shared error interceptor maps SluiceError for unary calls only; a stream maps
+        # its own, so a bad chunk is INVALID_ARGUMENT with details, never UNKNOWN.
+        try:
+            with self._streams.admit(1):
+                traceparent = current_traceparent()
+                async for chunk in request_iterator:
+                    _check_chunk(chunk, self._max_batch)
+                    response = ingest_pb2.SubmitIntentStreamResponse(chunk=chunk.chunk)
+                    results = [response.results.add() for _ in chunk.intents]
+                    await self._submitter.submit(
+                        chunk.intents,
+                        results,
+                        field=lambda i: f"intents[{i}]",
                         traceparent=traceparent,
-                        field_prefix=f"intents[{i}]",
                     )
-                )
-                positions.append(i)
-            except InvalidArgument as exc:
-                _set_error(results[i], exc)
-        if rows:
-            outcomes = await _db(repository.insert_intents(self._pool, rows))
-            for i, row, outcome in zip(positions, rows, outcomes, strict=True):
-                if outcome.conflict:
-                    _set_error(results[i], _conflict(row.idempotency_key, outcome.intent_id))
-                else:
-                    results[i].intent_id = str(outcome.intent_id)
-                    results[i].created = outcome.created
-        return ingest_pb2.SubmitIntentsResponse(results=results)
+                    for r in results:
+                        if r.outcome == ingest_pb2.SUBMIT_OUTCOME_CREATED:
+                            response.created += 1
+                        elif r.outcome == ingest_pb2.SUBMIT_OUTCOME_DUPLICATE:
+                            response.duplicates += 1
+                        else:
+                            response.rejected += 1
+                    # Read the next chunk only once this one is answered: with HTTP/2's
+                    # window, that is the flow control that bounds what a stream holds.
+                    yield response
+        except SluiceError as exc:
+            await context.abort(
+                exc.code,
+                exc.message,
+                trailing_metadata=(
+                    ("grpc-status-details-bin", error_status(exc).SerializeToString()),
+                ),
+            )
+        except (grpc.aio.AbortError, GeneratorExit):
+            raise
+        except Exception:
+            log.exception("unhandled error in SubmitIntentStream")
+            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
     async def GetIntent(
         self, request: ingest_pb2.GetIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.GetIntentResponse:
         intent_id = _parse_uuid(request.id, "id")
-        row = await _db(repository.get_intent(self._pool, intent_id))
+        row = await db_call(repository.get_intent(self._pool, intent_id))
         if row is None:
             raise NotFound(f"intent {intent_id} does not exist")
         return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
@@ -198,13 +255,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     ) -> ingest_pb2.ListIntentsResponse:
         if request.page_size < 0:
             raise InvalidArgument("page_size is negative", [("page_size", "must not be negative")])
+        check_text("campaign_id", request.campaign_id, MAX_CAMPAIGN_LENGTH)
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         status = PROTO_TO_STATUS.get(int(request.status)) if request.status else None
         if request.status and status is None:
             raise InvalidArgument("unknown status", [("status", "not an IntentStatus value")])
-        fingerprint = _filter_fingerprint(request.campaign_id, int(request.status))
-        after = _decode_page_token(request.page_token, fingerprint) if request.page_token else None
-        rows = await _db(
+        fingerprint = filter_fingerprint(request.campaign_id, int(request.status))
+        after = decode_page_token(request.page_token, fingerprint) if request.page_token else None
+        rows = await db_call(
             repository.list_intents(
                 self._pool,
                 campaign_id=request.campaign_id or None,
@@ -217,18 +275,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         token = ""
         if len(rows) > size:
             last = page[-1]
-            token = _encode_page_token(last.created_at, last.id, fingerprint)
+            token = encode_page_token(last.created_at, last.id, fingerprint)
         return ingest_pb2.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in page], next_page_token=token
         )
-
-
-def _set_error(result: ingest_pb2.SubmitIntentResult, exc: SluiceError) -> None:
-    result.error.code = exc.code.value[0]
-    result.error.message = exc.message
-    if isinstance(exc, InvalidArgument):
-        for field, description in exc.field_violations:
-            result.error.field_violations.add(field=field, description=description)
 
 
 def _parse_uuid(value: str, field: str) -> uuid.UUID:
@@ -236,31 +286,3 @@ def _parse_uuid(value: str, field: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise InvalidArgument(f"{field} is not an intent id", [(field, "must be a UUID")]) from None
-
-
-def _filter_fingerprint(campaign_id: str, status: int) -> str:
-    # AIP-158: a page token is only valid with the filters it was issued for.
-    return hashlib.sha256(f"{campaign_id}\x00{status}".encode()).hexdigest()[:16]
-
-
-def _encode_page_token(created_at: datetime, intent_id: uuid.UUID, fingerprint: str) -> str:
-    raw = json.dumps({"t": created_at.isoformat(), "i": str(intent_id), "f": fingerprint})
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
-
-
-def _decode_page_token(token: str, fingerprint: str) -> tuple[datetime, uuid.UUID]:
-    try:
-        raw = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
-        created_at = datetime.fromisoformat(raw["t"])
-        intent_id = uuid.UUID(raw["i"])
-        issued_for = raw["f"]
-    except (ValueError, KeyError, TypeError, binascii.Error):
-        raise InvalidArgument(
-            "page_token is not valid", [("page_token", "not a token this server issued")]
-        ) from None
-    if issued_for != fingerprint:
-        raise InvalidArgument(
-            "page_token was issued for other filters",
-            [("page_token", "use it with the same campaign_id and status it came with")],
-        )
-    return created_at, intent_id

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from sluice.common.errors import ConfigError
 from sluice.common.settings import CommonSettings
 
 
@@ -16,8 +17,32 @@ class IngestSettings(CommonSettings):
 
     ingest_port: int = 50051
     default_deadline_seconds: float = 86_400.0
+    #: Largest request message gRPC accepts; a bigger one gets RESOURCE_EXHAUSTED.
+    ingest_max_request_bytes: int = 16 * 1024 * 1024
+    #: Most intents in one SubmitIntents call or one SubmitIntentStream chunk.
+    ingest_max_batch: int = 10_000
+    #: Calls worked on at once (each stream counts as one); past it, RESOURCE_EXHAUSTED.
+    ingest_max_in_flight_calls: int = 256
+    #: Intents held (decoded, validated, being stored) at once; past it, RESOURCE_EXHAUSTED.
+    ingest_max_in_flight_intents: int = 40_000
+    #: The retry hint of an overload answer (jittered up by half).
+    ingest_retry_after_seconds: float = 0.2
+    #: Check each recipient's domain in DNS (blocking lookups, in worker threads).
+    ingest_check_deliverability: bool = False
+    #: Most pending intents one campaign may have (0: no limit).
+    ingest_max_pending_per_campaign: int = 0
 
     def validate(self) -> None:
         super().validate()
         self.require_port("ingest_port")
-        self.require_positive("default_deadline_seconds")
+        self.require_positive(
+            "default_deadline_seconds",
+            "ingest_max_request_bytes",
+            "ingest_max_batch",
+            "ingest_max_in_flight_calls",
+            "ingest_max_in_flight_intents",
+            "ingest_retry_after_seconds",
+        )
+        self.require_at_least(0, "ingest_max_pending_per_campaign")
+        if self.ingest_max_request_bytes > 1024**3:
+            raise ConfigError("SLUICE_INGEST_MAX_REQUEST_BYTES must be at most 1 GiB")

@@ -1,45 +1,140 @@
 """Validation of intent submissions: everything ingest checks before a row is written.
 
 A submission either becomes a :class:`~sluice.ingest.repository.NewIntent` or raises
-:class:`~sluice.common.errors.InvalidArgument` listing every bad field at once, so a client
-fixes its request in one round trip.
+:class:`~sluice.common.errors.InvalidArgument` listing every bad field at once (up to
+:data:`MAX_VIOLATIONS`), so a client fixes its request in one round trip. Each violation
+carries a stable reason (README, "Error reasons"); the error's ``reason`` is that of the first
+violation. Nothing a client sent is quoted at more than :data:`QUOTE_CHARS` characters: an
+error travels in the gRPC trailer, which clients cap at 16 KiB, and a long quoted input would
+turn a precise answer into "metadata size exceeds hard limit".
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import uuid
-from collections.abc import Callable, Mapping
-from datetime import datetime, timedelta
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
-from email_validator import EmailNotValidError, validate_email
+import grpc
+import jinja2
+import jinja2.meta
+from google.protobuf import timestamp_pb2
 
 from sluice.common.errors import InvalidArgument
-from sluice.common.model import PRIORITY, PROTO_TO_KIND, from_timestamp
+from sluice.common.model import PRIORITY, PROTO_TO_KIND
+from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.v1 import intent_pb2
 
 MAX_KEY_LENGTH = 256
 MAX_CAMPAIGN_LENGTH = 128
+MAX_RUN_LENGTH = 64
+MAX_TEMPLATE_ID_LENGTH = 128
+MAX_RECIPIENT_LENGTH = 320  # far above the 254 SMTP allows; longer is refused unparsed
 MAX_VARIABLES = 64
 MAX_VARIABLE_NAME = 64
 MAX_VARIABLE_VALUE = 16 * 1024
 MAX_VARIABLES_TOTAL = 64 * 1024
 MAX_SCHEDULE_AHEAD = timedelta(days=366)
+MAX_VIOLATIONS = 20
+QUOTE_CHARS = 40
+#: Keys Sluice derives start with this; a client key may not, so the two never collide.
+DERIVED_KEY_PREFIX = "sluice:"
+
+# google.protobuf.Timestamp's valid range: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
+_MIN_SECONDS = -62_135_596_800
+_MAX_SECONDS = 253_402_300_799
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+# Characters that must not reach a header (subject) or a single-line identifier: C0/C1
+# controls (CR, LF, NUL among them), line/paragraph separators and the bidi controls that
+# make text display differently from what it is.
+_UNSAFE_LINE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+# Error reasons (ErrorInfo.reason and ItemError.reason); documented in the README.
+R_INVALID = "INVALID_ARGUMENT"
+R_REQUIRED = "FIELD_REQUIRED"
+R_TOO_LONG = "FIELD_TOO_LONG"
+R_CONTROL = "CONTROL_CHARACTERS"
+R_RECIPIENT = "RECIPIENT_INVALID"
+R_SMTPUTF8 = "SMTPUTF8_UNSUPPORTED"
+R_TEMPLATE = "TEMPLATE_NOT_FOUND"
+R_VARIABLES = "VARIABLES_MISMATCH"
+R_TIME = "TIME_OUT_OF_RANGE"
+
+# A reason whose request is well-formed but cannot be served as the system is configured.
+_REASON_CODES = {R_SMTPUTF8: grpc.StatusCode.FAILED_PRECONDITION}
 
 
-def normalize_recipient(address: str) -> str:
-    """The normalized form of a deliverable-looking address (internationalised allowed).
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """What validation needs from configuration.
 
-    Raises ValueError with email-validator's explanation. DNS is not consulted: ingest must
-    not block on the network, and providers report undeliverable domains as bounces.
+    ``smtputf8_kinds``: intent kinds for which some configured provider can take an address
+    that needs SMTPUTF8; such an address of another kind is refused at ingest.
     """
-    try:
-        result = validate_email(address, check_deliverability=False, allow_smtputf8=True)
-    except EmailNotValidError as exc:
-        raise ValueError(str(exc)) from exc
-    return str(result.normalized)
+
+    default_deadline: timedelta
+    smtputf8_kinds: frozenset[str]
+    check_deliverability: bool = False
+
+
+def quote(value: str) -> str:
+    """``value`` as it may appear in an error: repr'd, at most QUOTE_CHARS characters."""
+    if len(value) <= QUOTE_CHARS:
+        return repr(value)
+    return repr(value[:QUOTE_CHARS]) + f"... ({len(value)} characters)"
+
+
+class _Violations:
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.items: list[tuple[str, str, str]] = []
+        self.dropped = 0
+
+    def add(self, field: str, description: str, reason: str = R_INVALID) -> None:
+        if len(self.items) >= MAX_VIOLATIONS:
+            self.dropped += 1
+            return
+        path = f"{self.prefix}.{field}" if self.prefix else field
+        self.items.append((path, description, reason))
+
+    def text(self, field: str, value: str, limit: int, *, required: bool = False) -> None:
+        """Length and control-character checks of a single-line identifier field."""
+        if not value:
+            if required:
+                self.add(field, "required", R_REQUIRED)
+        elif len(value) > limit:
+            self.add(field, f"at most {limit} characters, got {len(value)}", R_TOO_LONG)
+        elif _UNSAFE_LINE.search(value) or not value.isprintable():
+            self.add(field, "must be printable text (no control characters)", R_CONTROL)
+
+    def error(self) -> InvalidArgument:
+        described = [(f, d) for f, d, _ in self.items]
+        more = f" (and {self.dropped} more)" if self.dropped else ""
+        count = len(self.items) + self.dropped
+        exc = InvalidArgument(
+            f"{count} invalid field{'s' if count > 1 else ''}{more}: "
+            + "; ".join(f"{f}: {d}" for f, d in described),
+            described,
+        )
+        exc.reason = self.items[0][2]
+        exc.code = _REASON_CODES.get(exc.reason, exc.code)
+        return exc
+
+
+def check_text(field: str, value: str, limit: int) -> None:
+    """Raises InvalidArgument unless ``value`` is a single-line identifier of at most
+    ``limit`` characters (for request fields outside a submission, e.g. filters)."""
+    v = _Violations("")
+    v.text(field, value, limit)
+    if v.items:
+        raise v.error()
 
 
 def payload_hash(sub: intent_pb2.IntentSubmission, recipient: str) -> bytes:
@@ -54,9 +149,37 @@ def payload_hash(sub: intent_pb2.IntentSubmission, recipient: str) -> bytes:
         "variables": sorted(sub.variables.items()),
         "send_at": sub.send_at.ToJsonString() if sub.HasField("send_at") else None,
         "deadline": sub.deadline.ToJsonString() if sub.HasField("deadline") else None,
+        "run": sub.run,
     }
     encoded = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode("utf-8")).digest()
+
+
+def derived_key(campaign_id: str, run: str, recipient: str, template_id: str) -> str:
+    """The idempotency key of a submission that gave none (README, "Idempotency")."""
+    parts = json.dumps([campaign_id, run, recipient, template_id], ensure_ascii=False)
+    return DERIVED_KEY_PREFIX + hashlib.sha256(parts.encode("utf-8")).hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def header_variables(template_id: str, version: int, subject: str) -> frozenset[str] | None:
+    """The variables a template's subject uses (None: the subject does not parse, so every
+    variable is treated as one the subject uses)."""
+    try:
+        return frozenset(
+            jinja2.meta.find_undeclared_variables(
+                jinja2.Environment(autoescape=True).parse(subject)
+            )
+        )
+    except jinja2.TemplateError:
+        return None
+
+
+def _timestamp(ts: timestamp_pb2.Timestamp, field: str, v: _Violations) -> datetime | None:
+    if not _MIN_SECONDS <= ts.seconds <= _MAX_SECONDS or not 0 <= ts.nanos <= 999_999_999:
+        v.add(field, "must be a timestamp in years 1-9999 with nanos in 0..999999999", R_TIME)
+        return None
+    return _EPOCH + timedelta(seconds=ts.seconds, microseconds=ts.nanos // 1000)
 
 
 def validate_submission(
@@ -64,70 +187,88 @@ def validate_submission(
     templates: Mapping[str, TemplateRow],
     *,
     now: datetime,
-    default_deadline: timedelta,
+    policy: Policy,
     traceparent: str | None,
     field_prefix: str = "intent",
 ) -> NewIntent:
     """Checks one submission and returns the row to insert, or raises InvalidArgument."""
-    violations: list[tuple[str, str]] = []
-
-    def bad(field: str, description: str) -> None:
-        violations.append((f"{field_prefix}.{field}", description))
+    v = _Violations(field_prefix)
 
     key = sub.idempotency_key
-    if not key:
-        bad("idempotency_key", "required: the same key always names the same intent")
-    elif len(key) > MAX_KEY_LENGTH:
-        bad("idempotency_key", f"at most {MAX_KEY_LENGTH} characters")
-    elif not key.isprintable():
-        bad("idempotency_key", "must be printable text")
-
-    if len(sub.campaign_id) > MAX_CAMPAIGN_LENGTH:
-        bad("campaign_id", f"at most {MAX_CAMPAIGN_LENGTH} characters")
+    v.text("idempotency_key", key, MAX_KEY_LENGTH)
+    if key.startswith(DERIVED_KEY_PREFIX):
+        v.add("idempotency_key", f"must not start with {DERIVED_KEY_PREFIX!r} (reserved)")
+    elif not key and not sub.campaign_id:
+        v.add(
+            "idempotency_key",
+            "required unless campaign_id is given (the key is then derived from"
+            " campaign_id, run, recipient and template_id)",
+            R_REQUIRED,
+        )
+    v.text("campaign_id", sub.campaign_id, MAX_CAMPAIGN_LENGTH)
+    v.text("run", sub.run, MAX_RUN_LENGTH)
 
     recipient = ""
+    smtputf8 = False
     if not sub.recipient:
-        bad("recipient", "required")
+        v.add("recipient", "required", R_REQUIRED)
+    elif len(sub.recipient) > MAX_RECIPIENT_LENGTH:
+        v.add("recipient", f"at most {MAX_RECIPIENT_LENGTH} characters", R_TOO_LONG)
     else:
         try:
-            recipient = normalize_recipient(sub.recipient)
-        except ValueError as exc:
-            bad("recipient", str(exc))
+            checked = check_recipient(
+                sub.recipient, check_deliverability=policy.check_deliverability
+            )
+        except RecipientError as exc:
+            v.add("recipient", str(exc)[:200], R_RECIPIENT)
+        else:
+            recipient, smtputf8 = checked.address, checked.smtputf8
 
     kind = PROTO_TO_KIND.get(int(sub.intent))
     if kind is None:
-        bad("intent", "required: INTENT_TRANSACTIONAL, INTENT_MARKETING or INTENT_DIGEST")
-
-    template = templates.get(sub.template_id) if sub.template_id else None
-    if not sub.template_id:
-        bad("template_id", "required")
-    elif template is None:
-        bad("template_id", f"template {sub.template_id!r} does not exist")
-
-    _check_variables(sub, template, bad)
-
-    send_at = from_timestamp(sub.send_at) if sub.HasField("send_at") else now
-    if send_at > now + MAX_SCHEDULE_AHEAD:
-        bad("send_at", "at most 366 days ahead")
-    deadline = (
-        from_timestamp(sub.deadline) if sub.HasField("deadline") else send_at + default_deadline
-    )
-    if sub.HasField("deadline"):
-        if deadline <= now:
-            bad("deadline", "is in the past")
-        elif deadline <= send_at:
-            bad("deadline", "must be after send_at")
-
-    if violations:
-        raise InvalidArgument(
-            f"{len(violations)} invalid field{'s' if len(violations) > 1 else ''}: "
-            + "; ".join(f"{f}: {d}" for f, d in violations),
-            violations,
+        v.add(
+            "intent",
+            "required: INTENT_TRANSACTIONAL, INTENT_MARKETING or INTENT_DIGEST",
+            R_REQUIRED,
         )
+    elif smtputf8 and kind not in policy.smtputf8_kinds:
+        v.add(
+            "recipient",
+            f"needs SMTPUTF8, and no configured provider of {kind} mail can take it",
+            R_SMTPUTF8,
+        )
+
+    template: TemplateRow | None = None
+    before = len(v.items)
+    v.text("template_id", sub.template_id, MAX_TEMPLATE_ID_LENGTH, required=True)
+    if len(v.items) == before:
+        template = templates.get(sub.template_id)
+        if template is None:
+            v.add("template_id", f"template {quote(sub.template_id)} does not exist", R_TEMPLATE)
+
+    _check_variables(sub, template, v)
+
+    send_at = now
+    if sub.HasField("send_at"):
+        send_at = _timestamp(sub.send_at, "send_at", v) or now
+        if send_at > now + MAX_SCHEDULE_AHEAD:
+            v.add("send_at", "at most 366 days ahead", R_TIME)
+            send_at = now
+    if sub.HasField("deadline"):
+        deadline = _timestamp(sub.deadline, "deadline", v) or send_at + policy.default_deadline
+        if deadline <= now:
+            v.add("deadline", "is in the past", R_TIME)
+        elif deadline <= send_at:
+            v.add("deadline", "must be after send_at", R_TIME)
+    else:
+        deadline = send_at + policy.default_deadline
+
+    if v.items:
+        raise v.error()
     assert kind is not None
     return NewIntent(
         id=uuid.uuid4(),
-        idempotency_key=key,
+        idempotency_key=key or derived_key(sub.campaign_id, sub.run, recipient, sub.template_id),
         payload_hash=payload_hash(sub, recipient),
         campaign_id=sub.campaign_id,
         recipient=recipient,
@@ -138,31 +279,49 @@ def validate_submission(
         send_at=send_at,
         deadline=deadline,
         traceparent=traceparent or None,
+        run=sub.run,
+        smtputf8=smtputf8,
     )
 
 
 def _check_variables(
-    sub: intent_pb2.IntentSubmission,
-    template: TemplateRow | None,
-    bad: Callable[[str, str], None],
+    sub: intent_pb2.IntentSubmission, template: TemplateRow | None, v: _Violations
 ) -> None:
     variables = sub.variables
     if len(variables) > MAX_VARIABLES:
-        bad("variables", f"at most {MAX_VARIABLES} variables")
+        v.add("variables", f"at most {MAX_VARIABLES} variables, got {len(variables)}", R_TOO_LONG)
         return
+    in_header: frozenset[str] | None = frozenset()
+    if template is not None:
+        in_header = header_variables(template.id, template.version, template.subject)
     total = 0
     for name, value in variables.items():
         total += len(name) + len(value)
+        field = f"variables[{quote(name)}]"
         if not name or len(name) > MAX_VARIABLE_NAME or not name.isidentifier():
-            bad(f"variables[{name!r}]", "names are identifiers of at most 64 characters")
+            v.add(field, f"names are identifiers of at most {MAX_VARIABLE_NAME} characters")
         elif len(value) > MAX_VARIABLE_VALUE:
-            bad(f"variables[{name!r}]", f"at most {MAX_VARIABLE_VALUE} characters")
+            v.add(field, f"at most {MAX_VARIABLE_VALUE} characters, got {len(value)}", R_TOO_LONG)
+        elif "\x00" in value:
+            v.add(field, "must not contain NUL characters", R_CONTROL)
+        elif (in_header is None or name in in_header) and _UNSAFE_LINE.search(value):
+            v.add(
+                field,
+                "used by the subject, so it must be one line with no control characters",
+                R_CONTROL,
+            )
     if total > MAX_VARIABLES_TOTAL:
-        bad("variables", f"at most {MAX_VARIABLES_TOTAL} characters in all")
+        v.add("variables", f"at most {MAX_VARIABLES_TOTAL} characters in all", R_TOO_LONG)
     if template is None:
         return
     declared = set(template.variables)
     for name in sorted(declared - variables.keys()):
-        bad(f"variables[{name!r}]", f"required by template {template.id!r}")
+        v.add(
+            f"variables[{quote(name)}]", f"required by template {quote(template.id)}", R_VARIABLES
+        )
     for name in sorted(variables.keys() - declared):
-        bad(f"variables[{name!r}]", f"not declared by template {template.id!r}")
+        v.add(
+            f"variables[{quote(name)}]",
+            f"not declared by template {quote(template.id)}",
+            R_VARIABLES,
+        )
