@@ -45,9 +45,7 @@ def submission(**overrides: object) -> intent_pb2.IntentSubmission:
 
 
 def validate(sub: intent_pb2.IntentSubmission):  # type: ignore[no-untyped-def]
-    return validate_submission(
-        sub, TEMPLATES, now=NOW, policy=POLICY, traceparent=None
-    )
+    return validate_submission(sub, TEMPLATES, now=NOW, policy=POLICY, traceparent=None)
 
 
 def violations(sub: intent_pb2.IntentSubmission) -> dict[str, str]:

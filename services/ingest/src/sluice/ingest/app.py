@@ -9,9 +9,10 @@ from sluice.common.db import create_pool
 from sluice.common.grpcserver import ServerHandle, build_server
 from sluice.common.providers import load_providers
 from sluice.common.telemetry import Telemetry
+from sluice.ingest import wire
 from sluice.ingest.service import IngestServicer
 from sluice.ingest.settings import IngestSettings
-from sluice.v1 import ingest_pb2, ingest_pb2_grpc
+from sluice.v1 import ingest_pb2
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 
@@ -28,7 +29,7 @@ async def running(
         stack.push_async_callback(servicer.aclose)
         server = build_server(telemetry, max_receive_bytes=settings.ingest_max_request_bytes)
         handle = ServerHandle(server, [SERVICE_NAME])
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, handle.server)
+        wire.add_to_server(servicer, handle.server)
         await handle.start(settings.listen_host, settings.ingest_port if port is None else port)
         stack.push_async_callback(handle.stop, settings.shutdown_grace_seconds)
         yield handle

@@ -24,6 +24,7 @@ from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call
 from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text
+from sluice.ingest.wire import Malformed
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 log = logging.getLogger("sluice.ingest")
@@ -114,11 +115,16 @@ def _batch_error(count: int, limit: int, field: str) -> InvalidArgument | None:
     return None
 
 
-def _check_chunk(chunk: ingest_pb2.SubmitIntentStreamRequest, limit: int) -> None:
+def _check_chunk(
+    chunk: ingest_pb2.SubmitIntentStreamRequest | Malformed, limit: int
+) -> ingest_pb2.SubmitIntentStreamRequest:
+    if isinstance(chunk, Malformed):
+        raise chunk.error()
     error = _batch_error(len(chunk.intents), limit, "intents")
     if error is not None:
         error.metadata["chunk"] = str(chunk.chunk)
         raise error
+    return chunk
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -199,7 +205,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
 
     async def SubmitIntentStream(
         self,
-        request_iterator: AsyncIterator[ingest_pb2.SubmitIntentStreamRequest],
+        request_iterator: AsyncIterator[ingest_pb2.SubmitIntentStreamRequest | Malformed],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_pb2.SubmitIntentStreamResponse]:
         # The shared error interceptor maps SluiceError for unary calls only; a stream maps
@@ -207,8 +213,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         try:
             with self._streams.admit(1):
                 traceparent = current_traceparent()
-                async for chunk in request_iterator:
-                    _check_chunk(chunk, self._max_batch)
+                async for received in request_iterator:
+                    chunk = _check_chunk(received, self._max_batch)
                     response = ingest_pb2.SubmitIntentStreamResponse(chunk=chunk.chunk)
                     results = [response.results.add() for _ in chunk.intents]
                     await self._submitter.submit(

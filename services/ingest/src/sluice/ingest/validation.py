@@ -41,7 +41,8 @@ MAX_VARIABLE_NAME = 64
 MAX_VARIABLE_VALUE = 16 * 1024
 MAX_VARIABLES_TOTAL = 64 * 1024
 MAX_SCHEDULE_AHEAD = timedelta(days=366)
-MAX_VIOLATIONS = 20
+MAX_VIOLATIONS = 10
+MESSAGE_VIOLATIONS = 3  # the message names the first few; the details have them all
 QUOTE_CHARS = 40
 #: Keys Sluice derives start with this; a client key may not, so the two never collide.
 DERIVED_KEY_PREFIX = "sluice:"
@@ -118,10 +119,11 @@ class _Violations:
         described = [(f, d) for f, d, _ in self.items]
         more = f" (and {self.dropped} more)" if self.dropped else ""
         count = len(self.items) + self.dropped
+        shown = "; ".join(f"{f}: {d}" for f, d in described[:MESSAGE_VIOLATIONS])
+        if count > MESSAGE_VIOLATIONS:
+            shown += "; ..."
         exc = InvalidArgument(
-            f"{count} invalid field{'s' if count > 1 else ''}{more}: "
-            + "; ".join(f"{f}: {d}" for f, d in described),
-            described,
+            f"{count} invalid field{'s' if count > 1 else ''}{more}: {shown}", described
         )
         exc.reason = self.items[0][2]
         exc.code = _REASON_CODES.get(exc.reason, exc.code)
