@@ -139,22 +139,27 @@ def check_text(field: str, value: str, limit: int) -> None:
         raise v.error()
 
 
-def payload_hash(sub: intent_pb2.IntentSubmission, recipient: str) -> bytes:
+def payload_hash(
+    sub: intent_pb2.IntentSubmission, recipient: str, variables: Mapping[str, str] | None = None
+) -> bytes:
     """A digest of what the client asked for, to tell a retry from a different request
     that reuses the key. It covers the fields as submitted (an unset send-at stays unset),
-    so a retry minutes later hashes the same."""
-    canonical = {
-        "campaign_id": sub.campaign_id,
-        "recipient": recipient,
-        "intent": int(sub.intent),
-        "template_id": sub.template_id,
-        "variables": sorted(sub.variables.items()),
-        "send_at": sub.send_at.ToJsonString() if sub.HasField("send_at") else None,
-        "deadline": sub.deadline.ToJsonString() if sub.HasField("deadline") else None,
-        "run": sub.run,
-    }
-    encoded = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(encoded.encode("utf-8")).digest()
+    so a retry minutes later hashes the same. Parts are joined with NUL, which validation
+    refuses in every field, so no two different submissions share an encoding (and it
+    costs a fraction of a JSON dump). Only called on a submission that passed validation."""
+    parts = [
+        sub.campaign_id,
+        recipient,
+        str(int(sub.intent)),
+        sub.template_id,
+        sub.run,
+        sub.send_at.ToJsonString() if sub.HasField("send_at") else "-",
+        sub.deadline.ToJsonString() if sub.HasField("deadline") else "-",
+    ]
+    for name, value in sorted((sub.variables if variables is None else variables).items()):
+        parts.append(name)
+        parts.append(value)
+    return hashlib.sha256("\x00".join(parts).encode("utf-8", "surrogatepass")).digest()
 
 
 def derived_key(campaign_id: str, run: str, recipient: str, template_id: str) -> str:
@@ -248,7 +253,9 @@ def validate_submission(
         if template is None:
             v.add("template_id", f"template {quote(sub.template_id)} does not exist", R_TEMPLATE)
 
-    _check_variables(sub, template, v)
+    # One conversion: the protobuf map's Python view is several times slower to iterate.
+    variables = dict(sub.variables)
+    _check_variables(variables, template, v)
 
     send_at = now
     if sub.HasField("send_at"):
@@ -271,13 +278,13 @@ def validate_submission(
     return NewIntent(
         id=uuid.uuid4(),
         idempotency_key=key or derived_key(sub.campaign_id, sub.run, recipient, sub.template_id),
-        payload_hash=payload_hash(sub, recipient),
+        payload_hash=payload_hash(sub, recipient, variables),
         campaign_id=sub.campaign_id,
         recipient=recipient,
         kind=kind,
         priority=PRIORITY[kind],
         template_id=sub.template_id,
-        variables=dict(sub.variables),
+        variables=variables,
         send_at=send_at,
         deadline=deadline,
         traceparent=traceparent or None,
@@ -287,9 +294,8 @@ def validate_submission(
 
 
 def _check_variables(
-    sub: intent_pb2.IntentSubmission, template: TemplateRow | None, v: _Violations
+    variables: dict[str, str], template: TemplateRow | None, v: _Violations
 ) -> None:
-    variables = sub.variables
     if len(variables) > MAX_VARIABLES:
         v.add("variables", f"at most {MAX_VARIABLES} variables, got {len(variables)}", R_TOO_LONG)
         return
@@ -317,6 +323,8 @@ def _check_variables(
     if template is None:
         return
     declared = set(template.variables)
+    if declared == variables.keys():
+        return
     for name in sorted(declared - variables.keys()):
         v.add(
             f"variables[{quote(name)}]", f"required by template {quote(template.id)}", R_VARIABLES
