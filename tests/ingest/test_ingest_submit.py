@@ -79,6 +79,7 @@ KEYS = int(os.environ.get("INGEST_TEST_RETRY_KEYS", "10000"))
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 async def test_fifty_clients_retrying_ten_thousand_keys_make_ten_thousand_intents(
     pg_dsn: str, pg_pool: asyncpg.Pool
 ) -> None:

@@ -139,3 +139,12 @@ def load_providers(path: str | Path | None) -> tuple[ProviderConfig, ...]:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"providers file {file} is not valid TOML: {exc}") from exc
     return parse_providers(document, str(file))
+
+
+def takes_smtputf8(provider: ProviderConfig) -> bool:
+    """True when ``provider`` can send to an address that needs SMTPUTF8.
+
+    ``ProviderConfig.smtputf8`` says so once the provider adapters define it; until then
+    only the sandbox (which sends nothing anywhere) counts as able."""
+    able = getattr(provider, "smtputf8", None)
+    return provider.kind == "sandbox" if able is None else bool(able)

@@ -13,7 +13,7 @@ import grpc
 from sluice.common.errors import InvalidArgument, NotFound, SluiceError
 from sluice.common.grpcserver import error_status
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
-from sluice.common.providers import ProviderConfig
+from sluice.common.providers import ProviderConfig, takes_smtputf8
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
@@ -37,11 +37,8 @@ BATCH_TOO_LARGE = "BATCH_TOO_LARGE"
 
 
 def smtputf8_kinds(providers: Sequence[ProviderConfig]) -> frozenset[str]:
-    """Intent kinds that some enabled provider able to take SMTPUTF8 addresses serves.
-
-    ``ProviderConfig.smtputf8`` says so once the provider adapters define it; until then
-    only the sandbox (which sends nothing) counts as able."""
-    able = (p for p in providers if p.enabled and getattr(p, "smtputf8", p.kind == "sandbox"))
+    """Intent kinds that some enabled provider able to take SMTPUTF8 addresses serves."""
+    able = (p for p in providers if p.enabled and takes_smtputf8(p))
     return frozenset(kind for p in able for kind in p.intents)
 
 

@@ -57,7 +57,7 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
-          idempotency_key, traceparent, campaign_id
+          idempotency_key, traceparent, campaign_id, smtputf8
 """
 
 # All results of a batch in one statement. The row lands only if it still carries our lease
@@ -148,6 +148,8 @@ class LeasedIntent:
     idempotency_key: str
     traceparent: str | None
     campaign_id: str
+    #: The recipient needs SMTPUTF8: only a provider that takes it may send this intent.
+    smtputf8: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,7 @@ def _leased(rec: asyncpg.Record) -> LeasedIntent:
         idempotency_key=rec["idempotency_key"],
         traceparent=rec["traceparent"],
         campaign_id=rec["campaign_id"],
+        smtputf8=rec["smtputf8"],
     )
 
 

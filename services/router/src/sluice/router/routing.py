@@ -20,7 +20,7 @@ from datetime import datetime, timedelta
 from typing import Protocol
 
 from sluice.common.model import PRIORITY
-from sluice.common.providers import INTENT_KINDS, ProviderConfig
+from sluice.common.providers import INTENT_KINDS, ProviderConfig, takes_smtputf8
 from sluice.router.repository import Completion, LeasedIntent
 from sluice.v1 import sender_pb2
 
@@ -179,9 +179,14 @@ class ProviderChooser:
         """Enabled providers serving ``kind``, cheapest first (ties by name)."""
         return self._candidates.get(kind, ())
 
-    def choose(self, kind: str, degraded: frozenset[str] = frozenset()) -> ProviderConfig | None:
-        """The provider for an intent of ``kind``, or None when no enabled one serves it."""
+    def choose(
+        self, kind: str, degraded: frozenset[str] = frozenset(), *, smtputf8: bool = False
+    ) -> ProviderConfig | None:
+        """The provider for an intent of ``kind``, or None when no enabled one serves it
+        (with ``smtputf8``, only providers that take SMTPUTF8 addresses count)."""
         candidates = self._candidates.get(kind, ())
+        if smtputf8:
+            candidates = tuple(p for p in candidates if takes_smtputf8(p))
         if not candidates:
             return None
         if degraded:
@@ -231,8 +236,8 @@ def plan_routes(
         raise ValueError("max_messages must be at least 1")
     decided: list[Completion] = []
     groups: dict[tuple[str, str], list[LeasedIntent]] = {}
-    # Choice depends only on the kind: decide once per kind, not once per intent.
-    choice: dict[str, ProviderConfig | None] = {}
+    # Choice depends only on the kind and SMTPUTF8: decide once per pair, not per intent.
+    choice: dict[tuple[str, bool], ProviderConfig | None] = {}
     # The lease returns rows in no particular order; urgent kinds go into the first batches.
     for intent in sorted(intents, key=lambda i: PRIORITY.get(i.kind, len(PRIORITY))):
         if intent.deadline <= now:
@@ -240,10 +245,13 @@ def plan_routes(
                 Completion(intent_id=intent.id, status="expired", last_error=EXPIRED_ERROR)
             )
             continue
-        if intent.kind in choice:
-            provider = choice[intent.kind]
+        need = (intent.kind, intent.smtputf8)
+        if need in choice:
+            provider = choice[need]
         else:
-            provider = choice[intent.kind] = chooser.choose(intent.kind, degraded)
+            provider = choice[need] = chooser.choose(
+                intent.kind, degraded, smtputf8=intent.smtputf8
+            )
         if provider is None:
             decided.append(
                 Completion(
