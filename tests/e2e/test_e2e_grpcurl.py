@@ -31,7 +31,7 @@ WAIT_SENT_SECONDS = 30.0
 SERVICE_RPCS = {
     "ingest": (
         "sluice.v1.IngestService",
-        ("SubmitIntent", "SubmitIntents", "GetIntent", "ListIntents"),
+        ("SubmitIntent", "SubmitIntents", "SubmitIntentStream", "GetIntent", "ListIntents"),
     ),
     "router": ("sluice.v1.RouterService", ("GetQueueStats", "ListProviders")),
     "sender": ("sluice.v1.SenderService", ("SendBatch", "GetCapacity")),
@@ -228,6 +228,61 @@ async def test_grpcurl_shows_invalid_argument_with_the_field_violation(
 
     # Nothing half-written (promise 7).
     assert await pg_pool.fetchval("SELECT count(*) FROM intents") == 0
+
+
+async def test_grpcurl_streams_a_campaign_in_chunks(
+    pg_dsn: str,
+    pg_pool: asyncpg.Pool,
+    redis_prefix: str,
+    insert_template: InsertTemplate,
+    tmp_path: Path,
+) -> None:
+    """SubmitIntentStream with the real grpcurl: several request messages on one stream
+    (concatenated JSON), one answer per chunk, in order; keys derived from campaign and run."""
+    await insert_template("welcome")
+
+    def chunk(n: int, run: str) -> dict[str, Any]:
+        return {
+            "chunk": n,
+            "intents": [
+                {
+                    "campaignId": "e2e-weekly",
+                    "run": run,
+                    "recipient": f"user{n}-{i}@example.com",
+                    "intent": "INTENT_MARKETING",
+                    "templateId": "welcome",
+                    "variables": {"name": f"User {i}"},
+                }
+                for i in range(3)
+            ]
+            + [{"campaignId": "e2e-weekly", "recipient": "nope", "templateId": "welcome"}],
+        }
+
+    body = " ".join(json.dumps(chunk(n, "2026-W49")) for n in (1, 2))
+    async with service_stack(
+        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path
+    ) as stack:
+        ingest = await stack.start("ingest")
+        args = (
+            "-plaintext",
+            "-d",
+            body,
+            ingest.target,
+            "sluice.v1.IngestService/SubmitIntentStream",
+        )
+        first = await grpcurl(*args)
+        again = await grpcurl(*args)  # a retry of this week's run: duplicates only
+    assert first.code == 0, str(first)
+    replies = [json.loads(m) for m in re.split(r"(?<=\})\s*(?=\{)", first.out.strip())]
+    assert [r["chunk"] for r in replies] == ["1", "2"]
+    assert [(r.get("created"), r.get("rejected")) for r in replies] == [(3, 1), (3, 1)]
+    outcomes = [res["outcome"] for res in replies[0]["results"]]
+    assert outcomes == ["SUBMIT_OUTCOME_CREATED"] * 3 + ["SUBMIT_OUTCOME_REJECTED"]
+    assert replies[0]["results"][3]["error"]["reason"] == "RECIPIENT_INVALID"
+    assert again.code == 0, str(again)
+    retried = [json.loads(m) for m in re.split(r"(?<=\})\s*(?=\{)", again.out.strip())]
+    assert [r.get("duplicates") for r in retried] == [3, 3]
+    assert await pg_pool.fetchval("SELECT count(*) FROM intents") == 6
 
 
 # --- the README's grpcurl examples, run as written ----------------------------------------
