@@ -9,14 +9,22 @@ spread its retries, while one that waits in a queue only times out. The bounds a
 memory: at most ``max_items`` decoded submissions are held at once (a 10,000-item batch
 weighs 10,000).
 
+Counting calls is not enough when the process itself is short of CPU: calls then wait in
+gRPC and in the event loop's ready queue before any handler sees them, which no counter of
+started calls measures. So a monitor task also measures the event loop's lag (how late a
+short sleep wakes up, smoothed); while it is above ``max_lag`` seconds, new calls are shed
+too, which is what gives the loop back to the calls already admitted.
+
 Single-threaded asyncio, so plain counters are safe; the ``with`` block releases on every
 exit, cancellation included.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
+import time
 from collections.abc import Iterator
 
 from sluice.common.errors import ResourceExhausted
@@ -27,14 +35,26 @@ OVERLOADED = "OVERLOADED"
 class Admission:
     """Counts calls and intents in flight and refuses what exceeds the bounds."""
 
-    def __init__(self, *, max_calls: int, max_items: int, retry_after: float) -> None:
+    def __init__(
+        self, *, max_calls: int, max_items: int, retry_after: float, max_lag: float = 0.0
+    ) -> None:
         self.max_calls = max_calls
         self.max_items = max_items
         self.retry_after = retry_after
+        self.max_lag = max_lag
         self.calls = 0
         self.items = 0
         self.shed = 0
+        self.lag = 0.0
         self._rng = random.Random()
+
+    async def watch_lag(self, interval: float = 0.02) -> None:
+        """Runs until cancelled, keeping ``lag`` (seconds, smoothed over ~5 samples)."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(interval)
+            late = max(0.0, time.monotonic() - started - interval)
+            self.lag += (late - self.lag) * 0.3
 
     def _refuse(self, what: str) -> ResourceExhausted:
         self.shed += 1
@@ -53,6 +73,8 @@ class Admission:
         """Holds one call and ``items`` intents for the block, or raises ResourceExhausted."""
         if self.calls >= self.max_calls:
             raise self._refuse(f"{self.max_calls} calls in flight")
+        if self.max_lag and self.lag > self.max_lag:
+            raise self._refuse(f"event loop {self.lag * 1000:.0f} ms behind")
         # A request bigger than the item bound alone is let in when nothing else is held,
         # so a legal request is never refused forever.
         if self.items and self.items + items > self.max_items:

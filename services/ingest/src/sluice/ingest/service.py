@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -150,14 +152,19 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             max_calls=settings.ingest_max_in_flight_calls,
             max_items=settings.ingest_max_in_flight_intents,
             retry_after=settings.ingest_retry_after_seconds,
+            max_lag=settings.ingest_max_loop_lag_seconds,
         )
+        self._lag_watch = asyncio.create_task(self.admission.watch_lag(), name="ingest-lag")
         self._streams = Admission(
             max_calls=MAX_STREAMS, max_items=1, retry_after=settings.ingest_retry_after_seconds
         )
         self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
 
     async def aclose(self) -> None:
-        """Stops the background writers."""
+        """Stops the background writers and the lag monitor."""
+        self._lag_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._lag_watch
         await self._coalescer.aclose()
 
     async def _insert_one(self, rows: Sequence[NewIntent]) -> list[InsertOutcome]:

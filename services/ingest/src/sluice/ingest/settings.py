@@ -25,6 +25,8 @@ class IngestSettings(CommonSettings):
     ingest_max_in_flight_calls: int = 256
     #: Intents held (decoded, validated, being stored) at once; past it, RESOURCE_EXHAUSTED.
     ingest_max_in_flight_intents: int = 40_000
+    #: Shed new calls while the event loop runs this many seconds late (0: never).
+    ingest_max_loop_lag_seconds: float = 0.1
     #: The retry hint of an overload answer (jittered up by half).
     ingest_retry_after_seconds: float = 0.2
     #: Check each recipient's domain in DNS (blocking lookups, in worker threads).
@@ -43,6 +45,6 @@ class IngestSettings(CommonSettings):
             "ingest_max_in_flight_intents",
             "ingest_retry_after_seconds",
         )
-        self.require_at_least(0, "ingest_max_pending_per_campaign")
+        self.require_at_least(0, "ingest_max_pending_per_campaign", "ingest_max_loop_lag_seconds")
         if self.ingest_max_request_bytes > 1024**3:
             raise ConfigError("SLUICE_INGEST_MAX_REQUEST_BYTES must be at most 1 GiB")
