@@ -106,7 +106,14 @@ async def batches(target: str, count: int, tag: str) -> float:
 
         async def one(request: ingest_pb2.SubmitIntentsRequest) -> None:
             async with gate:
-                reply = await stub.SubmitIntents(request, timeout=120)
+                while True:  # as a client should: shed calls come back after the hint
+                    try:
+                        reply = await stub.SubmitIntents(request, timeout=120)
+                        break
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise
+                        await asyncio.sleep(0.2)
             assert all(r.created for r in reply.results), "not all created"
 
         started = time.perf_counter()
