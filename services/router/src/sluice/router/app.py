@@ -12,6 +12,7 @@ import asyncpg
 import grpc
 
 from sluice.common.app import new_service
+from sluice.common.auth import client_interceptors, read_token_file
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import MAX_MESSAGE_BYTES
 from sluice.common.metrics import Metrics
@@ -66,10 +67,11 @@ async def open_resources(
         application_name="sluice-router",
     )
     stack.push_async_callback(pool.close)
+    token = read_token_file(settings.sender_token_file, what="SLUICE_SENDER_TOKEN_FILE")
     channel = grpc.aio.insecure_channel(
         settings.sender_target,
         options=list(SENDER_CHANNEL_OPTIONS),
-        interceptors=telemetry.client_interceptors(),
+        interceptors=[*telemetry.client_interceptors(), *client_interceptors(token)],
     )
     stack.push_async_callback(channel.close)
     # grpc ships no type hints, so the stub's overload cannot see an aio channel.
@@ -141,6 +143,12 @@ async def running(
     """Runs the router until the block exits, then stops it (bounded), closing resources."""
     async with contextlib.AsyncExitStack() as stack:
         resources = await open_resources(settings, telemetry, stack)
-        service, _ = build(settings, resources, telemetry, metrics or Metrics("router"), port=port)
+        service, _ = build(
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("router", enabled=settings.metrics_port >= 0),
+            port=port,
+        )
         await stack.enter_async_context(service.running())
         yield service

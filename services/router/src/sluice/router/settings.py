@@ -26,6 +26,8 @@ class RouterSettings(CommonSettings):
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 600.0
     sender_timeout_seconds: float = 10.0
+    #: File holding the token (scope ``send``) the router presents to senders.
+    sender_token_file: str = ""
 
     def validate(self) -> None:
         super().validate()
