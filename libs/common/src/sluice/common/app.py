@@ -13,6 +13,7 @@ from sluice.common.metrics import HealthFlag, Metrics, metrics_app
 from sluice.common.service import Service
 from sluice.common.settings import CommonSettings
 from sluice.common.telemetry import Telemetry
+from sluice.common.tls import server_credentials
 
 log = logging.getLogger("sluice.auth")
 
@@ -38,6 +39,9 @@ def new_service(
         inner_interceptors=_auth(settings, metrics),
         metrics=metrics,
         reflection_enabled=settings.reflection,
+        credentials=server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        ),
     )
     service.add_listener(listener)
     if settings.metrics_port >= 0:

@@ -115,6 +115,11 @@ class CommonSettings:
     require_auth: bool = False
     #: Serve gRPC server reflection (what lets grpcurl work without proto files).
     reflection: bool = True
+    #: PEM server certificate and key: TLS on the gRPC listener (see sluice.common.tls).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: CA whose client certificates are required (mutual TLS); empty: no client certs.
+    tls_client_ca_file: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

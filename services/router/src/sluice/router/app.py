@@ -19,6 +19,7 @@ from sluice.common.metrics import Metrics
 from sluice.common.providers import ProviderConfig, load_providers
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
+from sluice.common.tls import channel_credentials
 from sluice.router.dispatch import Dispatcher
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.metrics import RouterMetrics, run_sampler
@@ -68,11 +69,21 @@ async def open_resources(
     )
     stack.push_async_callback(pool.close)
     token = read_token_file(settings.sender_token_file, what="SLUICE_SENDER_TOKEN_FILE")
-    channel = grpc.aio.insecure_channel(
-        settings.sender_target,
-        options=list(SENDER_CHANNEL_OPTIONS),
-        interceptors=[*telemetry.client_interceptors(), *client_interceptors(token)],
+    interceptors = [*telemetry.client_interceptors(), *client_interceptors(token)]
+    credentials = channel_credentials(
+        settings.sender_tls_ca_file, settings.sender_tls_cert_file, settings.sender_tls_key_file
     )
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(
+            settings.sender_target, options=list(SENDER_CHANNEL_OPTIONS), interceptors=interceptors
+        )
+    else:
+        channel = grpc.aio.secure_channel(
+            settings.sender_target,
+            credentials,
+            options=list(SENDER_CHANNEL_OPTIONS),
+            interceptors=interceptors,
+        )
     stack.push_async_callback(channel.close)
     # grpc ships no type hints, so the stub's overload cannot see an aio channel.
     sender = cast("SenderServiceAsyncStub", sender_pb2_grpc.SenderServiceStub(channel))
