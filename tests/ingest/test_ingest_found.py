@@ -200,7 +200,7 @@ async def test_bytes_that_do_not_parse_are_invalid_argument(ingest: Ingest, meth
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call(raw)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
-        assert error_info(info.value).reason == "MALFORMED_REQUEST"
+        assert "request" in field_violations(info.value)
 
 
 async def test_oversized_request_is_resource_exhausted_and_the_server_lives_on(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -13,7 +12,7 @@ import asyncpg
 import grpc
 
 from sluice.common.errors import InvalidArgument, NotFound, SluiceError
-from sluice.common.grpcserver import error_status
+from sluice.common.metrics import disabled_metrics
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
 from sluice.common.providers import ProviderConfig, takes_smtputf8
 from sluice.common.telemetry import current_traceparent
@@ -21,15 +20,13 @@ from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
 from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
+from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.paging import decode_page_token, encode_page_token, filter_fingerprint
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call
 from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text
-from sluice.ingest.wire import Malformed
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
-
-log = logging.getLogger("sluice.ingest")
 
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
@@ -114,16 +111,11 @@ def _batch_error(count: int, limit: int, field: str) -> InvalidArgument | None:
     return None
 
 
-def _check_chunk(
-    chunk: ingest_pb2.SubmitIntentStreamRequest | Malformed, limit: int
-) -> ingest_pb2.SubmitIntentStreamRequest:
-    if isinstance(chunk, Malformed):
-        raise chunk.error()
+def _check_chunk(chunk: ingest_pb2.SubmitIntentStreamRequest, limit: int) -> None:
     error = _batch_error(len(chunk.intents), limit, "intents")
     if error is not None:
         error.metadata["chunk"] = str(chunk.chunk)
         raise error
-    return chunk
 
 
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
@@ -133,9 +125,11 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self,
         pool: asyncpg.Pool,
         settings: IngestSettings,
+        metrics: IngestMetrics | None = None,
         providers: Sequence[ProviderConfig] = (),
     ) -> None:
         self._pool = pool
+        self._metrics = metrics if metrics is not None else IngestMetrics(disabled_metrics())
         self._max_batch = settings.ingest_max_batch
         policy = Policy(
             default_deadline=timedelta(seconds=settings.default_deadline_seconds),
@@ -173,6 +167,20 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.SubmitIntentResponse:
+        try:
+            response = await self._submit_one(request)
+        except SluiceError as exc:
+            self._metrics.observe_submissions(rejected_reasons=(exc.reason,))
+            raise
+        if response.created:
+            self._metrics.observe_submissions(created=1)
+        else:
+            self._metrics.observe_submissions(duplicate=1)
+        return response
+
+    async def _submit_one(
+        self, request: ingest_pb2.SubmitIntentRequest
+    ) -> ingest_pb2.SubmitIntentResponse:
         with self.admission.admit(1):
             result = ingest_pb2.SubmitIntentResult()
             now = datetime.now(UTC)
@@ -205,51 +213,48 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             await self._submitter.submit(
                 subs, results, field=lambda i: f"intents[{i}]", traceparent=current_traceparent()
             )
+            self._observe_results(results)
             return response
+
+    def _observe_results(self, results: Sequence[ingest_pb2.SubmitIntentResult]) -> None:
+        created = duplicate = 0
+        rejected: list[str] = []
+        for r in results:
+            if r.outcome == ingest_pb2.SUBMIT_OUTCOME_CREATED:
+                created += 1
+            elif r.outcome == ingest_pb2.SUBMIT_OUTCOME_DUPLICATE:
+                duplicate += 1
+            else:
+                rejected.append(r.error.reason)
+        self._metrics.observe_submissions(
+            created=created, duplicate=duplicate, rejected_reasons=rejected
+        )
 
     async def SubmitIntentStream(
         self,
-        request_iterator: AsyncIterator[ingest_pb2.SubmitIntentStreamRequest | Malformed],
+        request_iterator: AsyncIterator[ingest_pb2.SubmitIntentStreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[ingest_pb2.SubmitIntentStreamResponse]:
-        # The shared error interceptor maps SluiceError for unary calls only; a stream maps
-        # its own, so a bad chunk is INVALID_ARGUMENT with details, never UNKNOWN.
-        try:
-            with self._streams.admit(1):
-                traceparent = current_traceparent()
-                async for received in request_iterator:
-                    chunk = _check_chunk(received, self._max_batch)
-                    response = ingest_pb2.SubmitIntentStreamResponse(chunk=chunk.chunk)
-                    results = [response.results.add() for _ in chunk.intents]
-                    await self._submitter.submit(
-                        chunk.intents,
-                        results,
-                        field=lambda i: f"intents[{i}]",
-                        traceparent=traceparent,
-                    )
-                    for r in results:
-                        if r.outcome == ingest_pb2.SUBMIT_OUTCOME_CREATED:
-                            response.created += 1
-                        elif r.outcome == ingest_pb2.SUBMIT_OUTCOME_DUPLICATE:
-                            response.duplicates += 1
-                        else:
-                            response.rejected += 1
-                    # Read the next chunk only once this one is answered: with HTTP/2's
-                    # window, that is the flow control that bounds what a stream holds.
-                    yield response
-        except SluiceError as exc:
-            await context.abort(
-                exc.code,
-                exc.message,
-                trailing_metadata=(
-                    ("grpc-status-details-bin", error_status(exc).SerializeToString()),
-                ),
-            )
-        except (grpc.aio.AbortError, GeneratorExit):
-            raise
-        except Exception:
-            log.exception("unhandled error in SubmitIntentStream")
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        with self._streams.admit(1):
+            traceparent = current_traceparent()
+            async for chunk in request_iterator:
+                _check_chunk(chunk, self._max_batch)
+                response = ingest_pb2.SubmitIntentStreamResponse(chunk=chunk.chunk)
+                results = [response.results.add() for _ in chunk.intents]
+                await self._submitter.submit(
+                    chunk.intents, results, field=lambda i: f"intents[{i}]", traceparent=traceparent
+                )
+                self._observe_results(results)
+                for r in results:
+                    if r.outcome == ingest_pb2.SUBMIT_OUTCOME_CREATED:
+                        response.created += 1
+                    elif r.outcome == ingest_pb2.SUBMIT_OUTCOME_DUPLICATE:
+                        response.duplicates += 1
+                    else:
+                        response.rejected += 1
+                # Read the next chunk only once this one is answered: with HTTP/2's window,
+                # that is the flow control that bounds what a stream holds.
+                yield response
 
     async def GetIntent(
         self, request: ingest_pb2.GetIntentRequest, context: grpc.aio.ServicerContext
