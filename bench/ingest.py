@@ -203,7 +203,7 @@ async def one_run(
         figures["stream"] = await stream(target, args.stream_count, f"{tag}s")
         print(f"  run {run}: stream {figures['stream']:,.0f}/s", flush=True)
     async with fresh_database(srv.admin_dsn) as dsn:
-        figures["seed"] = await seed_style(dsn, args.batch_count, f"{tag}x")
+        figures["seed"] = await seed_style(dsn, args.seed_count, f"{tag}x")
         print(f"  run {run}: seed style {figures['seed']:,.0f}/s", flush=True)
     return figures
 
@@ -215,7 +215,8 @@ def table(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     seed = med("seed")
     lines = [
         f"ingest bench: median of {len(runs)} run(s); unary {args.seconds:.0f} s per load,"
-        f" batches {args.batch_count:,} intents, stream {args.stream_count:,} intents",
+        f" batches {args.batch_count:,} intents, stream {args.stream_count:,} intents,"
+        f" seed style {args.seed_count:,} intents",
         f"{'stage':44} {'median':>12} {'vs seed style':>14}",
     ]
     for rate in args.rates:
@@ -252,4 +253,5 @@ if __name__ == "__main__":
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--batch-count", type=int, default=50_000)
     parser.add_argument("--stream-count", type=int, default=1_000_000)
+    parser.add_argument("--seed-count", type=int, default=20_000)
     asyncio.run(main(parser.parse_args()))
