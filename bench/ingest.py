@@ -58,6 +58,7 @@ async def open_loop(target: str, rate: float, seconds: float, tag: str) -> dict[
     items = submissions(tag, int(rate * seconds))
     latencies: list[float] = []
     shed = other = 0
+    codes: dict[str, int] = {}
     async with grpc.aio.insecure_channel(target) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         await stub.SubmitIntent(ingest_pb2.SubmitIntentRequest(intent=items[0]))  # warm up
@@ -72,6 +73,7 @@ async def open_loop(target: str, rate: float, seconds: float, tag: str) -> dict[
                     shed += 1
                 else:
                     other += 1
+                    codes[exc.code().name] = codes.get(exc.code().name, 0) + 1
                 return
             latencies.append(time.perf_counter() - started)
 
@@ -84,6 +86,8 @@ async def open_loop(target: str, rate: float, seconds: float, tag: str) -> dict[
             tasks.append(asyncio.create_task(one(item)))
         await asyncio.gather(*tasks)
     ms = [x * 1000 for x in latencies]
+    if codes:
+        print(f"    other errors at {rate}/s: {codes}", flush=True)
     return {
         "p50": _percentile(ms, 0.50),
         "p95": _percentile(ms, 0.95),
