@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
+from sluice.sender.providers import resend
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
@@ -55,6 +56,7 @@ async def _sandbox(
 
 FACTORIES: dict[str, Factory] = {
     "sandbox": _sandbox,
+    "resend": resend.open_adapter,
 }
 
 
