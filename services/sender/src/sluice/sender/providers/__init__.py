@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
-from sluice.sender.providers import resend, sendgrid
+from sluice.sender.providers import resend, sendgrid, smtp
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
@@ -58,6 +58,7 @@ FACTORIES: dict[str, Factory] = {
     "sandbox": _sandbox,
     "resend": resend.open_adapter,
     "sendgrid": sendgrid.open_adapter,
+    "smtp": smtp.open_adapter,
 }
 
 
