@@ -16,7 +16,7 @@ import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
-from sluice.sender.providers import resend, sendgrid, smtp
+from sluice.sender.providers import resend, sendgrid, ses, smtp
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
@@ -59,6 +59,7 @@ FACTORIES: dict[str, Factory] = {
     "resend": resend.open_adapter,
     "sendgrid": sendgrid.open_adapter,
     "smtp": smtp.open_adapter,
+    "ses": ses.open_adapter,
 }
 
 
