@@ -167,6 +167,6 @@ async def test_send_quota_is_read_and_checked(errors: FakeSesErrors) -> None:
         quota = await provider.send_quota()
     assert (quota.max_send_rate, quota.max_24_hour_send) == (14.0, 50000.0)
     errors.quota["MaxSendRate"] = 5.0  # below the configured sustained_rate of 14
-    with pytest.raises(ConfigError, match="exceeds the SES account's MaxSendRate 5.0"):
+    with pytest.raises(ConfigError, match=r"exceeds the SES account.s MaxSendRate 5\.0"):
         async with adapter(errors.url, read_quota=True):
             pass
