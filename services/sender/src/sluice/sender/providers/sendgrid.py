@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from email.utils import parseaddr
 from typing import Any
 
 import httpx
@@ -60,13 +61,11 @@ def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
 
 
 def _address(value: str) -> dict[str, str]:
-    name, sep, rest = value.rpartition("<")
-    if sep and rest.endswith(">"):
-        out = {"email": rest[:-1].strip()}
-        if name.strip():
-            out["name"] = name.strip().strip('"')
-        return out
-    return {"email": value.strip()}
+    name, address = parseaddr(value)
+    out = {"email": address or value.strip()}
+    if name:
+        out["name"] = name
+    return out
 
 
 def payload(request: Sequence[OutboundEmail]) -> dict[str, Any]:
