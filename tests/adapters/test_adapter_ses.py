@@ -150,8 +150,8 @@ async def test_error_answers_map_to_outcomes(errors: FakeSesErrors) -> None:
 
 
 async def test_timeout_is_unknown_and_no_endpoint_is_unavailable(errors: FakeSesErrors) -> None:
-    errors.hold_next, errors.hold_seconds = 1, 3.0
-    async with adapter(errors.url, timeout_seconds=0.5) as provider:
+    errors.hold_next, errors.hold_seconds = 1, 6.0
+    async with adapter(errors.url, timeout_seconds=2.0) as provider:
         [result] = await provider.send_batch([email("a")])
     assert result.outcome == "unknown"
     with socket.socket() as s:

@@ -109,8 +109,8 @@ async def test_header_injection_is_refused_before_the_wire() -> None:
 
 async def test_timeout_during_data_is_unknown() -> None:
     async with SmtpSink() as sink:
-        sink.hang_data, sink.hang_seconds = True, 3.0
-        async with adapter(sink.port, timeout_seconds=0.5) as provider:
+        sink.hang_data, sink.hang_seconds = True, 6.0
+        async with adapter(sink.port, timeout_seconds=2.0) as provider:
             [result] = await provider.send_batch([email("a")])
     assert result.outcome == "unknown"
 
