@@ -43,6 +43,7 @@ EXTRA_KNOWN_VARIABLES: set[str] = {
     "SLUICE_TEST_PG_ADMIN_DSN",
     "SLUICE_TEST_REDIS_URL",
     "SLUICE_TEST_EMBEDDED",
+    "SLUICE_TOKEN",  # the token client commands (sluice demo, sluice status) send
 }
 
 _REGISTRY: list[type[CommonSettings]] = []
@@ -108,6 +109,17 @@ class CommonSettings:
     shutdown_grace_seconds: float = 10.0
     #: Port of the Prometheus /metrics (and /healthz) HTTP listener; -1 turns it off.
     metrics_port: int = -1
+    #: TOML file of token hashes and scopes (see sluice.common.auth); empty: no auth.
+    auth_tokens_file: str = ""
+    #: Refuse to start without a tokens file (the Kubernetes manifests set it).
+    require_auth: bool = False
+    #: Serve gRPC server reflection (what lets grpcurl work without proto files).
+    reflection: bool = True
+    #: PEM server certificate and key: TLS on the gRPC listener (see sluice.common.tls).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: CA whose client certificates are required (mutual TLS); empty: no client certs.
+    tls_client_ca_file: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -158,6 +170,11 @@ class CommonSettings:
         self.require_at_least(1, "db_pool_size")
         self.require_positive("shutdown_grace_seconds")
         self.require_port("metrics_port", allow_off=True)
+        if self.require_auth and not self.auth_tokens_file:
+            raise ConfigError(
+                "SLUICE_REQUIRE_AUTH is on but SLUICE_AUTH_TOKENS_FILE is not set: "
+                "every RPC but health would be open to anyone who reaches the port"
+            )
 
     # ---- helpers for subclasses' validate() ---------------------------------------------------
 
