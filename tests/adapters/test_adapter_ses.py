@@ -133,9 +133,10 @@ async def test_error_answers_map_to_outcomes(errors: FakeSesErrors) -> None:
         (400, "BadRequestException", "Invalid tag"),
         (400, "SendingPausedException", "Sending is paused for this account"),
         (500, "InternalFailure", "oops"),
+        (400, "MailFromDomainNotVerifiedException", "MAIL FROM domain is not verified"),
     ]
     async with adapter(errors.url, max_connections=1) as provider:
-        results = [(await provider.send_batch([email(str(n))]))[0] for n in range(6)]
+        results = [(await provider.send_batch([email(str(n))]))[0] for n in range(7)]
     assert [r.outcome for r in results] == [
         "throttled",
         "throttled",
@@ -143,6 +144,7 @@ async def test_error_answers_map_to_outcomes(errors: FakeSesErrors) -> None:
         "permanent",
         "unavailable",
         "transient",
+        "unavailable",
     ]
     assert results[0].retry_after == 1.0
     assert results[1].reason.startswith("quota exhausted; paused_until=")

@@ -13,8 +13,8 @@ Answer -> outcome (the README has the table): 200 accepted (the email id); 429
 ``monthly_quota_exceeded`` throttled until the quota resets, with a paused_until reason;
 409 ``concurrent_idempotent_requests`` transient (retry shortly); 409
 ``invalid_idempotent_request`` unknown (that key already sent something else); 400/422
-validation permanent; 401/403 key errors and 404 unavailable (nothing can be sent with
-this configuration); 500 transient; 502/504 unknown; no answer unknown.
+validation permanent; 401/403 (key, permissions, unverified domain) and 404 unavailable
+(nothing can be sent with this configuration); 500 transient; 502/504 unknown; no answer unknown.
 """
 
 from __future__ import annotations
@@ -142,7 +142,9 @@ class ResendProvider:
             if error == "concurrent_idempotent_requests":
                 return results_for(chunk, "transient", reason, 1.0)
             return results_for(chunk, "unknown", reason)
-        if status in (401, 404, 405) or (status == 403 and "api_key" in error):
+        # The key, its permissions or the sending domain are wrong: nothing can be sent
+        # through this provider as configured, which is no fault of the message.
+        if status in (401, 403, 404, 405):
             return results_for(chunk, "unavailable", reason)
         if status in (502, 504):
             return results_for(chunk, "unknown", reason)

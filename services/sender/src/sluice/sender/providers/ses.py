@@ -13,9 +13,9 @@ Answer -> outcome (the README has the table): a ``MessageId`` accepted; throttli
 ``LimitExceededException``) throttled, and when the message says "Daily message quota
 exceeded" throttled for ``QUOTA_PAUSE`` with a paused_until reason (SES's quota is a
 rolling 24 hours, so some of it frees up within the hour); ``MessageRejected``,
-``MailFromDomainNotVerifiedException``, ``BadRequestException`` and other 4xx permanent;
-``AccountSuspendedException``, ``SendingPausedException``, ``NotFoundException`` and
-credential errors unavailable; 5xx transient; no connection ``Unavailable``; a read timeout
+``BadRequestException`` and other 4xx permanent; ``AccountSuspendedException``,
+``SendingPausedException``, ``MailFromDomainNotVerifiedException``, ``NotFoundException``
+and credential errors unavailable (the account or its configuration cannot send); 5xx transient; no connection ``Unavailable``; a read timeout
 or cut connection unknown.
 """
 
@@ -64,6 +64,7 @@ _THROTTLING = {
 _UNAVAILABLE = {
     "AccountSuspendedException",
     "SendingPausedException",
+    "MailFromDomainNotVerifiedException",
     "NotFoundException",
     "AccessDeniedException",
     "UnrecognizedClientException",
