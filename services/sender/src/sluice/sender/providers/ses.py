@@ -15,8 +15,8 @@ exceeded" throttled for ``QUOTA_PAUSE`` with a paused_until reason (SES's quota 
 rolling 24 hours, so some of it frees up within the hour); ``MessageRejected``,
 ``BadRequestException`` and other 4xx permanent; ``AccountSuspendedException``,
 ``SendingPausedException``, ``MailFromDomainNotVerifiedException``, ``NotFoundException``
-and credential errors unavailable (the account or its configuration cannot send); 5xx transient; no connection ``Unavailable``; a read timeout
-or cut connection unknown.
+and credential errors unavailable (the account or its configuration cannot send); 5xx
+transient; no connection ``Unavailable``; a read timeout or cut connection unknown.
 """
 
 from __future__ import annotations
