@@ -37,6 +37,14 @@ ALIASES: Mapping[str, str] = {
     "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
 }
 
+#: Secrets may instead be given as a file holding the value (a Kubernetes Secret mounted as
+#: a volume: files, not environment variables, so no process listing or crash dump shows
+#: them). The variable names the file; the value is its content, stripped.
+SECRET_FILES: Mapping[str, str] = {
+    "database_url": "DATABASE_URL_FILE",
+    "redis_url": "REDIS_URL_FILE",
+}
+
 #: SLUICE_* variables that are read by something other than a settings class (the test
 #: suite, the CLI's own switches); they are never reported as unknown.
 EXTRA_KNOWN_VARIABLES: set[str] = {
@@ -142,6 +150,9 @@ class CommonSettings:
         for f in fields(cls):
             name = variable_name(f.name)
             raw = env.get(name)
+            secret_file = env.get(SECRET_FILES.get(f.name, ""), "")
+            if secret_file and not raw:
+                name, raw = SECRET_FILES[f.name], _read_secret(SECRET_FILES[f.name], secret_file)
             if raw is None or raw == "":
                 continue
             default = f.default
@@ -231,6 +242,14 @@ def _check_unknown(env: Mapping[str, str]) -> None:
 def register_known_variables(names: Iterable[str]) -> None:
     """Declares ``SLUICE_*`` variables read outside a settings class as known."""
     EXTRA_KNOWN_VARIABLES.update(names)
+
+
+def _read_secret(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:  # noqa: PTH123 - plain read at start-up
+            return file.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{variable}={path}: {exc.strerror or exc}") from exc
 
 
 def _parse_bool(raw: str) -> bool:
