@@ -153,6 +153,8 @@ class InsertOutcome:
     intent_id: UUID | None
     created: bool
     conflict: bool
+    #: Created with status ``suppressed`` (the recipient is on the suppression list).
+    suppressed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,8 @@
 -- written by a trigger so that every writer of `templates` (TemplateService, the demo seed,
 -- a hand-run upsert) records its versions the same way.
 CREATE TABLE template_versions (
-    template_id  text NOT NULL REFERENCES templates (id),
+    -- deleting a template (only possible once no intent names it) takes its history along
+    template_id  text NOT NULL REFERENCES templates (id) ON DELETE CASCADE,
     version      integer NOT NULL CHECK (version >= 1),
     subject      text NOT NULL,
     html_body    text NOT NULL,
