@@ -8,7 +8,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Awaitable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -120,7 +120,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     def __init__(self, pool: asyncpg.Pool, settings: IngestSettings) -> None:
         self._pool = pool
         self._templates = TemplateCache(pool)
-        self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
+        self._default_deadline = settings.deadline_windows()
         self._coalescer = InsertCoalescer(
             lambda rows: suppression_repository.insert_intents(pool, rows)
         )
