@@ -10,7 +10,7 @@ import grpc
 
 from sluice.common.errors import InvalidArgument
 from sluice.common.model import to_timestamp
-from sluice.ingest import paging
+from sluice.ingest import page_tokens as paging
 from sluice.ingest import suppression_repository as repo
 from sluice.ingest.service import _db
 from sluice.ingest.suppression_repository import Suppression

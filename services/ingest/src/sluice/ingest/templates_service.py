@@ -20,7 +20,7 @@ from sluice.common.template_engine import (
     compile_violations,
     render_bounded,
 )
-from sluice.ingest import paging
+from sluice.ingest import page_tokens as paging
 from sluice.ingest import templates_repository as repo
 from sluice.ingest.service import _db
 from sluice.ingest.settings import IngestSettings
