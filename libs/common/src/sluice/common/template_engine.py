@@ -16,6 +16,7 @@ call, attribute access and output chunk checks the clock.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 import threading
@@ -241,6 +242,13 @@ _ENVIRONMENTS = {
 }
 
 
+@functools.lru_cache(maxsize=512)
+def _compiled(autoescape: bool, source: str) -> jinja2.Template:
+    # Compiling costs far more than rendering, and a template version never changes, so the
+    # same source is compiled once; compiled templates are safe to render from any thread.
+    return _ENVIRONMENTS[autoescape].from_string(source)
+
+
 def compile_violations(parts: Mapping[str, str], variables: Sequence[str]) -> list[tuple[str, str]]:
     """``(field, description)`` for each part that does not compile or that uses a variable
     not in ``variables``; empty when the template is sound."""
@@ -273,9 +281,8 @@ def render_bounded(
     try:
         out: list[str] = []
         for field, autoescape in PARTS:
-            env = _ENVIRONMENTS[autoescape]
             try:
-                template = env.from_string(parts.get(field, ""))
+                template = _compiled(autoescape, parts.get(field, ""))
                 chunks: list[str] = []
                 total = 0
                 for chunk in template.generate(dict(variables)):

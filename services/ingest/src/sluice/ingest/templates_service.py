@@ -193,31 +193,36 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         ]
         if bad:
             raise _invalid(bad)
-        if self._slots.locked():
-            raise ResourceExhausted(
-                f"{self._workers} previews are rendering; try again shortly",
-                retry_after=self._budget.seconds,
-            )
         parts = {
             "subject": found.subject,
             "html_body": found.html_body,
             "text_body": found.text_body,
         }
-        async with self._slots:
+        # Wait for a render thread at most one render's budget, then shed: a queue of
+        # previews must not grow without bound behind slow templates.
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self._budget.seconds)
+        except TimeoutError:
+            raise ResourceExhausted(
+                f"{self._workers} previews are rendering; try again shortly",
+                retry_after=self._budget.seconds,
+            ) from None
+        try:
             loop = asyncio.get_running_loop()
-            try:
-                rendered = await loop.run_in_executor(
-                    self._executor, render_bounded, parts, given, self._budget
-                )
-            except RenderBudgetExceeded as exc:
-                raise InvalidArgument(
-                    f"template exceeds the render budget: {exc}",
-                    [("variables", f"rendering exceeds the budget: {exc}")],
-                ) from None
-            except TemplateRenderError as exc:
-                raise InvalidArgument(
-                    f"template does not render: {exc}", [("variables", str(exc))]
-                ) from None
+            rendered = await loop.run_in_executor(
+                self._executor, render_bounded, parts, given, self._budget
+            )
+        except RenderBudgetExceeded as exc:
+            raise InvalidArgument(
+                f"template exceeds the render budget: {exc}",
+                [("variables", f"rendering exceeds the budget: {exc}")],
+            ) from None
+        except TemplateRenderError as exc:
+            raise InvalidArgument(
+                f"template does not render: {exc}", [("variables", str(exc))]
+            ) from None
+        finally:
+            self._slots.release()
         return template_pb2.PreviewTemplateResponse(
             version=found.version, subject=rendered.subject, html=rendered.html, text=rendered.text
         )
