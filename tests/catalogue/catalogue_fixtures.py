@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import date, timedelta
 
 import asyncpg
 import grpc
@@ -72,3 +73,15 @@ def submission(key: str, **overrides: object) -> intent_pb2.IntentSubmission:
     }
     fields.update(overrides)
     return intent_pb2.IntentSubmission(**fields)  # type: ignore[arg-type]
+
+
+def next_berlin_spring_forward() -> date:
+    """The next day Europe/Berlin skips 02:00-03:00 (the last Sunday of March), at least two
+    days ahead, so a test's send_at there is always in the future and within a year."""
+    year = date.today().year
+    while True:
+        last = date(year, 3, 31)
+        day = last - timedelta(days=(last.weekday() - 6) % 7)
+        if day > date.today() + timedelta(days=2):
+            return day
+        year += 1

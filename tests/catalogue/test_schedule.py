@@ -13,7 +13,12 @@ from hypothesis import strategies as st
 
 from sluice.ingest.schedule import LocalTimeError, local_to_utc, resolve
 from sluice.v1 import ingest_pb2, intent_pb2
-from tests.catalogue.catalogue_fixtures import Stubs, submission, welcome
+from tests.catalogue.catalogue_fixtures import (
+    Stubs,
+    next_berlin_spring_forward,
+    submission,
+    welcome,
+)
 from tests.grpc_helpers import field_violations
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -167,18 +172,20 @@ def test_send_at_and_send_at_local_together_are_refused() -> None:
 
 async def test_submit_converts_a_local_send_at(stubs: Stubs) -> None:
     await stubs.templates.CreateTemplate(welcome())
-    local = intent_pb2.LocalDateTime(date_time="2027-03-28T02:30:00", time_zone="Europe/Berlin")
+    day = next_berlin_spring_forward()
+    local = intent_pb2.LocalDateTime(date_time=f"{day}T02:30:00", time_zone="Europe/Berlin")
     done = await stubs.ingest.SubmitIntent(
         ingest_pb2.SubmitIntentRequest(intent=submission("local-1", send_at_local=local))
     )
-    # 28 March 2027 is Berlin's spring-forward day: 02:30 does not exist and means 03:30 CEST
-    assert done.intent.send_at.ToDatetime(tzinfo=UTC) == datetime(2027, 3, 28, 1, 30, tzinfo=UTC)
-    assert done.intent.deadline.ToDatetime(tzinfo=UTC) == datetime(2027, 3, 29, 1, 30, tzinfo=UTC)
+    # Berlin's spring-forward day: 02:30 does not exist and means 03:30 CEST (01:30 UTC)
+    expected = datetime(day.year, day.month, day.day, 1, 30, tzinfo=UTC)
+    assert done.intent.send_at.ToDatetime(tzinfo=UTC) == expected
+    assert done.intent.deadline.ToDatetime(tzinfo=UTC) == expected + timedelta(days=1)
     again = await stubs.ingest.SubmitIntent(
         ingest_pb2.SubmitIntentRequest(intent=submission("local-1", send_at_local=local))
     )
     assert not again.created
-    other = intent_pb2.LocalDateTime(date_time="2027-03-28T04:30:00", time_zone="Europe/Berlin")
+    other = intent_pb2.LocalDateTime(date_time=f"{day}T04:30:00", time_zone="Europe/Berlin")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stubs.ingest.SubmitIntent(
             ingest_pb2.SubmitIntentRequest(intent=submission("local-1", send_at_local=other))
@@ -190,7 +197,7 @@ async def test_submit_converts_a_local_send_at(stubs: Stubs) -> None:
                 intent=submission(
                     "local-2",
                     send_at_local=intent_pb2.LocalDateTime(
-                        date_time="2027-03-28T09:00", time_zone="Europe/Bërlin"
+                        date_time=f"{day}T09:00", time_zone="Europe/Bërlin"
                     ),
                 )
             )

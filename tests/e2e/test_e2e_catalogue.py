@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from tests.catalogue.catalogue_fixtures import next_berlin_spring_forward
 from tests.client.client_venv import client_python
 from tests.e2e.e2e_stack import CommandResult, grpcurl, run_command, service_stack
 
@@ -78,6 +79,8 @@ async def test_every_catalogue_rpc_with_grpcurl(
         listed_s = await rpc("sluice.v1.SuppressionService/ListSuppressions", {})
         assert [s["address"] for s in listed_s["suppressions"]] == ["gone@example.com"]
 
+        day = next_berlin_spring_forward()
+
         def submission(key: str, recipient: str) -> dict[str, Any]:
             return {
                 "idempotencyKey": key,
@@ -86,7 +89,7 @@ async def test_every_catalogue_rpc_with_grpcurl(
                 "intent": "INTENT_MARKETING",
                 "templateId": "e2e-welcome",
                 "variables": {"name": "Ana"},
-                "sendAtLocal": {"dateTime": "2027-03-28T02:30:00", "timeZone": "Europe/Berlin"},
+                "sendAtLocal": {"dateTime": f"{day}T02:30:00", "timeZone": "Europe/Berlin"},
             }
 
         suppressed = await rpc(
@@ -99,7 +102,7 @@ async def test_every_catalogue_rpc_with_grpcurl(
             {"intent": submission("e2e-1", "ana@example.com")},
         )
         # grpcurl answers with the proto field names; 02:30 does not exist that day: 03:30 CEST
-        assert first["intent"]["send_at"] == "2027-03-28T01:30:00Z", first
+        assert first["intent"]["send_at"] == f"{day}T01:30:00Z", first
         await rpc(
             "sluice.v1.IngestService/SubmitIntent",
             {"intent": submission("e2e-2", "ana@example.com")},
