@@ -1,7 +1,7 @@
 // A Node service that sends mail through Sluice with @grpc/grpc-js. The contracts are
 // loaded from the .proto files at run time (@grpc/proto-loader), so nothing is generated.
 //
-//   cd examples/node && npm ci && node client.js --target localhost:50051
+//   cd examples/node && npm ci && SLUICE_TOKEN=... node client.js --target localhost:50051
 //
 // It creates (or reuses) a template, schedules a message for 09:00 tomorrow in
 // Europe/Berlin, finds it by recipient and cancels it; every step prints one line.
@@ -18,6 +18,8 @@ const { values: args } = parseArgs({
     recipient: { type: "string", default: "ana@example.com" },
     run: { type: "string", default: Math.random().toString(16).slice(2, 10) },
     protos: { type: "string", default: path.join(__dirname, "..", "..", "proto") },
+    // a bearer token with the admin scope; without one only a server with auth off answers
+    token: { type: "string", default: process.env.SLUICE_TOKEN ?? "" },
   },
 });
 
@@ -31,11 +33,16 @@ const credentials = grpc.credentials.createInsecure();
 const ingest = new sluice.IngestService(args.target, credentials);
 const templates = new sluice.TemplateService(args.target, credentials);
 
+const metadata = new grpc.Metadata();
+if (args.token) metadata.set("authorization", `Bearer ${args.token}`);
+
 // Each call as a promise, with a deadline, so a dead server fails instead of hanging.
 function call(client, method, request) {
   return new Promise((resolve, reject) => {
     const deadline = new Date(Date.now() + 10_000);
-    client[method](request, { deadline }, (err, response) => (err ? reject(err) : resolve(response)));
+    client[method](request, metadata, { deadline }, (err, response) =>
+      err ? reject(err) : resolve(response),
+    );
   });
 }
 

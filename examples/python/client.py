@@ -2,7 +2,7 @@
 (generated stubs; grpcio and protobuf are its only dependencies).
 
     pip install ./libs/client          # or: uv pip install ./libs/client
-    python examples/python/client.py --target localhost:50051
+    SLUICE_TOKEN=... python examples/python/client.py --target localhost:50051
 
 It creates (or reuses) a template, previews it, checks the recipient is not suppressed,
 schedules a message for 09:00 tomorrow in Europe/Berlin, finds it by recipient, and
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import sys
 import uuid
 
@@ -34,7 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="localhost:50051", help="ingest host:port")
     parser.add_argument("--recipient", default="ana@example.com")
     parser.add_argument("--run", default=uuid.uuid4().hex[:8], help="makes keys unique")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("SLUICE_TOKEN", ""),
+        help="bearer token with the admin scope (default $SLUICE_TOKEN)",
+    )
     args = parser.parse_args(argv)
+    # Every call carries the token; without one, only a server with auth off answers.
+    auth = (("authorization", f"Bearer {args.token}"),) if args.token else ()
 
     with grpc.insecure_channel(args.target) as channel:
         templates = template_pb2_grpc.TemplateServiceStub(channel)
@@ -51,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                 from_address="Example <noreply@example.com>",
             ),
             timeout=10,
+            metadata=auth,
         )
         template = created.template
         print(f"template {template.id} version {template.version} (new: {created.created})")
@@ -60,11 +69,14 @@ def main(argv: list[str] | None = None) -> int:
                 template_id=template.id, variables={"name": "Ana", "time": "09:00"}
             ),
             timeout=10,
+            metadata=auth,
         )
         print(f"preview subject: {preview.subject}")
 
         check = suppressions.CheckSuppression(
-            suppression_pb2.CheckSuppressionRequest(addresses=[args.recipient]), timeout=10
+            suppression_pb2.CheckSuppressionRequest(addresses=[args.recipient]),
+            timeout=10,
+            metadata=auth,
         )
         print(f"suppressed: {check.results[0].suppressed}")
 
@@ -84,16 +96,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
             ),
             timeout=10,
+            metadata=auth,
         )
         intent = submitted.intent
         print(f"intent {intent.id} send_at {intent.send_at.ToJsonString()}")
 
         listed = ingest.ListIntents(
-            ingest_pb2.ListIntentsRequest(recipient=args.recipient, page_size=10), timeout=10
+            ingest_pb2.ListIntentsRequest(recipient=args.recipient, page_size=10),
+            timeout=10,
+            metadata=auth,
         )
         print(f"found by recipient: {intent.id in {i.id for i in listed.intents}}")
 
-        cancelled = ingest.CancelIntent(ingest_pb2.CancelIntentRequest(id=intent.id), timeout=10)
+        cancelled = ingest.CancelIntent(
+            ingest_pb2.CancelIntentRequest(id=intent.id), timeout=10, metadata=auth
+        )
         print(f"cancelled: {intent_pb2.IntentStatus.Name(cancelled.intent.status)}")
     return 0
 

@@ -13,6 +13,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from sluice.common.auth import new_token, tokens_file_text
 from tests.catalogue.catalogue_fixtures import next_berlin_spring_forward
 from tests.client.client_venv import client_python
 from tests.e2e.e2e_stack import CommandResult, grpcurl, run_command, service_stack
@@ -25,6 +26,14 @@ ROOT = Path(__file__).resolve().parents[2]
 NODE_EXAMPLE = ROOT / "examples" / "node"
 
 
+def auth_env(tmp_path: Path) -> tuple[str, dict[str, str]]:
+    """An operator token (admin) and the stack environment that requires it."""
+    token = new_token()
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(tokens_file_text({"operator": ("admin",)}, {"operator": token}))
+    return token, {"SLUICE_AUTH_TOKENS_FILE": str(tokens_file)}
+
+
 def ok(result: CommandResult) -> Any:
     assert result.code == 0, str(result)
     return json.loads(result.out) if result.out.strip() else {}
@@ -33,13 +42,17 @@ def ok(result: CommandResult) -> Any:
 async def test_every_catalogue_rpc_with_grpcurl(
     pg_dsn: str, pg_pool: asyncpg.Pool, redis_prefix: str, tmp_path: Path
 ) -> None:
+    token, env = auth_env(tmp_path)
     async with service_stack(
-        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path
+        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path, **env
     ) as stack:
         target = (await stack.start("ingest")).target
+        bearer = f"authorization: Bearer {token}"
 
         async def rpc(method: str, body: dict[str, Any]) -> Any:
-            return ok(await grpcurl("-plaintext", "-d", json.dumps(body), target, method))
+            return ok(
+                await grpcurl("-plaintext", "-H", bearer, "-d", json.dumps(body), target, method)
+            )
 
         names = (await grpcurl("-plaintext", target, "list")).out.split()
         assert {"sluice.v1.TemplateService", "sluice.v1.SuppressionService"} <= set(names)
@@ -141,16 +154,17 @@ def _node_or_skip() -> str:
 async def test_example_clients_run_against_a_live_stack(
     pg_dsn: str, redis_prefix: str, tmp_path: Path, client_python: Path
 ) -> None:
+    token, env = auth_env(tmp_path)
     async with service_stack(
-        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path
+        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path, **env
     ) as stack:
         target = (await stack.start("ingest")).target
+        example = str(ROOT / "examples" / "python" / "client.py")
+        refused = await run_command(str(client_python), example, "--target", target, wait=60)
+        assert refused.code == 1, str(refused)
+        assert "UNAUTHENTICATED" in refused.err, str(refused)
         py = await run_command(
-            str(client_python),
-            str(ROOT / "examples" / "python" / "client.py"),
-            "--target",
-            target,
-            wait=60,
+            str(client_python), example, "--target", target, "--token", token, wait=60
         )
         assert py.code == 0, str(py)
         lines = py.out.splitlines()
@@ -161,7 +175,9 @@ async def test_example_clients_run_against_a_live_stack(
         assert lines[-1] == "cancelled: INTENT_STATUS_CANCELLED"
 
         node = _node_or_skip()
-        js = await run_command(node, str(NODE_EXAMPLE / "client.js"), "--target", target, wait=60)
+        js = await run_command(
+            node, str(NODE_EXAMPLE / "client.js"), "--target", target, "--token", token, wait=60
+        )
         assert js.code == 0, str(js)
         lines = js.out.splitlines()
         # the Python run created the template: same content, same version, not new

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from uuid import UUID
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.common.errors import FailedPrecondition, NotFound
 from sluice.ingest import repository
 from sluice.ingest.repository import IntentRow
@@ -43,6 +43,7 @@ class CampaignCancellation:
     leased: int
 
 
+@db_boundary
 async def cancel_intent(pool: Executor, intent_id: UUID) -> tuple[IntentRow, bool]:
     """Cancel one pending intent; returns it as stored and whether this call cancelled it.
 
@@ -64,6 +65,7 @@ async def cancel_intent(pool: Executor, intent_id: UUID) -> tuple[IntentRow, boo
     )
 
 
+@db_boundary
 async def cancel_campaign(pool: Executor, campaign_id: str) -> CampaignCancellation:
     """Cancel every pending intent of ``campaign_id`` in one statement."""
     rec = await pool.fetchrow(CANCEL_CAMPAIGN_SQL, campaign_id)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import asyncpg
 import grpc
 
@@ -19,11 +17,9 @@ SERVICE_NAMES = (
 )
 
 
-def register(
-    server: grpc.aio.Server, pool: asyncpg.Pool, settings: IngestSettings
-) -> Callable[[], Awaitable[None]]:
-    """Adds the catalogue servicers to ``server``; returns what closes them."""
-    templates = TemplateServicer(pool, settings)
-    template_pb2_grpc.add_TemplateServiceServicer_to_server(templates, server)
+def register(server: grpc.aio.Server, pool: asyncpg.Pool, settings: IngestSettings) -> None:
+    """Adds the catalogue servicers to ``server`` (they hold nothing that needs closing)."""
+    template_pb2_grpc.add_TemplateServiceServicer_to_server(
+        TemplateServicer(pool, settings), server
+    )
     suppression_pb2_grpc.add_SuppressionServiceServicer_to_server(SuppressionServicer(pool), server)
-    return templates.aclose

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 from uuid import UUID
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.ingest.repository import _INTENT_COLUMNS, IntentRow, _intent_row
 
 #: Must match the prefix in sluice_recipient_hash() (0005_catalogue.sql).
@@ -65,6 +65,7 @@ def list_sql(
     )
 
 
+@db_boundary
 async def list_intents(
     pool: Executor,
     *,

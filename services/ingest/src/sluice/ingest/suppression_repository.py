@@ -21,7 +21,7 @@ from uuid import UUID
 
 import asyncpg
 
-from sluice.common.db import Executor, rows_affected
+from sluice.common.db import Executor, db_boundary, rows_affected
 from sluice.ingest import repository
 from sluice.ingest.repository import InsertOutcome, NewIntent
 
@@ -80,6 +80,7 @@ def _row(rec: asyncpg.Record) -> Suppression:
     )
 
 
+@db_boundary
 async def add(
     pool: asyncpg.Pool,
     *,
@@ -101,16 +102,19 @@ async def add(
     return _row(rec), created, marked
 
 
+@db_boundary
 async def remove(pool: Executor, address: str) -> bool:
     """Lift the suppression of ``address``; False when there was none."""
     return rows_affected(await pool.execute(REMOVE_SQL, address)) > 0
 
 
+@db_boundary
 async def check(pool: Executor, addresses: Sequence[str]) -> dict[str, Suppression]:
     """The suppressed ones among ``addresses`` (normalised), by address."""
     return {rec["address"]: _row(rec) for rec in await pool.fetch(CHECK_SQL, list(addresses))}
 
 
+@db_boundary
 async def list_suppressions(
     pool: Executor, *, limit: int, reason: str | None, after: tuple[datetime, str] | None
 ) -> list[Suppression]:
@@ -122,6 +126,7 @@ async def list_suppressions(
     return [_row(r) for r in recs]
 
 
+@db_boundary
 async def suppress_created(
     pool: Executor, rows: Sequence[NewIntent], outcomes: Sequence[InsertOutcome]
 ) -> list[InsertOutcome]:
@@ -147,6 +152,7 @@ async def suppress_created(
     ]
 
 
+@db_boundary
 async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
     """:func:`sluice.ingest.repository.insert_intents`, then :func:`suppress_created`: the
     one call the submit path makes to store a batch."""

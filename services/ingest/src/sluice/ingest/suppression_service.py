@@ -12,7 +12,6 @@ from sluice.common.errors import InvalidArgument
 from sluice.common.model import to_timestamp
 from sluice.ingest import page_tokens as paging
 from sluice.ingest import suppression_repository as repo
-from sluice.ingest.service import _db
 from sluice.ingest.suppression_repository import Suppression
 from sluice.ingest.validation import normalize_recipient
 from sluice.v1 import suppression_pb2, suppression_pb2_grpc
@@ -87,15 +86,13 @@ class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):
                 bad.append(("intent_id", "a UUID, or empty"))
         _raise_if(bad)
         assert reason is not None
-        entry, created, marked = await _db(
-            repo.add(
-                self._pool,
-                address=address,
-                reason=reason,
-                provider=request.provider or None,
-                intent_id=intent_id,
-                note=request.note,
-            )
+        entry, created, marked = await repo.add(
+            self._pool,
+            address=address,
+            reason=reason,
+            provider=request.provider or None,
+            intent_id=intent_id,
+            note=request.note,
         )
         return suppression_pb2.AddSuppressionResponse(
             suppression=suppression_to_proto(entry), created=created, suppressed_intents=marked
@@ -109,7 +106,7 @@ class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):
         bad: list[tuple[str, str]] = []
         address = _address(request.address, "address", bad)
         _raise_if(bad)
-        removed = await _db(repo.remove(self._pool, address))
+        removed = await repo.remove(self._pool, address)
         return suppression_pb2.RemoveSuppressionResponse(removed=removed)
 
     async def ListSuppressions(
@@ -127,9 +124,7 @@ class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):
                 after = (datetime.fromisoformat(position[0]), str(position[1]))
             except (ValueError, IndexError, TypeError):
                 _raise_if([("page_token", "not a token this server issued")])
-        rows = await _db(
-            repo.list_suppressions(self._pool, limit=size + 1, reason=reason, after=after)
-        )
+        rows = await repo.list_suppressions(self._pool, limit=size + 1, reason=reason, after=after)
         page = rows[:size]
         token = ""
         if len(rows) > size:
@@ -150,7 +145,7 @@ class SuppressionServicer(suppression_pb2_grpc.SuppressionServiceServicer):
             bad.append(("addresses", f"at most {MAX_CHECK} addresses"))
         normalised = [_address(a, f"addresses[{i}]", bad) for i, a in enumerate(given)]
         _raise_if(bad)
-        found = await _db(repo.check(self._pool, sorted(set(normalised))))
+        found = await repo.check(self._pool, sorted(set(normalised)))
         results = []
         for raw, address in zip(given, normalised, strict=True):
             result = suppression_pb2.SuppressionCheck(address=raw, suppressed=address in found)

@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.common.templates import UPSERT_TEMPLATE_SQL
 
 _COLUMNS = (
@@ -71,6 +71,7 @@ def _version(rec: asyncpg.Record) -> TemplateVersion:
     )
 
 
+@db_boundary
 async def create_version(
     pool: asyncpg.Pool,
     *,
@@ -102,6 +103,7 @@ async def create_version(
     return _version(rec), changed is not None
 
 
+@db_boundary
 async def get_version(
     pool: Executor, template_id: str, version: int | None
 ) -> TemplateVersion | None:
@@ -113,11 +115,13 @@ async def get_version(
     return None if rec is None else _version(rec)
 
 
+@db_boundary
 async def list_latest(pool: Executor, *, limit: int, after_id: str) -> list[TemplateVersion]:
     """The latest version of each template with an id after ``after_id``, by id."""
     return [_version(r) for r in await pool.fetch(LIST_LATEST_SQL, limit, after_id)]
 
 
+@db_boundary
 async def list_versions(
     pool: Executor, template_id: str, *, limit: int, before_version: int
 ) -> list[TemplateVersion]:

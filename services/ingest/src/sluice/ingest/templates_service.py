@@ -22,7 +22,6 @@ from sluice.common.template_engine import (
 )
 from sluice.ingest import page_tokens as paging
 from sluice.ingest import templates_repository as repo
-from sluice.ingest.service import _db
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.templates_repository import TemplateVersion
 from sluice.v1 import template_pb2, template_pb2_grpc
@@ -106,14 +105,12 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
             seconds=settings.preview_timeout_seconds, max_chars=settings.preview_max_chars
         )
         # Previews run on their own threads, so a slow one never holds the event loop, and
-        # at most this many at once: past that callers are told to come back.
+        # at most this many at once: past that callers are told to come back. The pool needs
+        # no shutdown: its idle threads exit when the servicer is released, and a render in
+        # flight ends within its budget.
         self._workers = settings.preview_concurrency
         self._executor = ThreadPoolExecutor(self._workers, thread_name_prefix="preview")
         self._slots = asyncio.Semaphore(self._workers)
-
-    async def aclose(self) -> None:
-        """Stops the preview threads (a running render ends within its time budget)."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
 
     async def CreateTemplate(
         self, request: template_pb2.CreateTemplateRequest, context: grpc.aio.ServicerContext
@@ -121,16 +118,14 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         violations = check_create(request)
         if violations:
             raise _invalid(violations)
-        version, created = await _db(
-            repo.create_version(
-                self._pool,
-                template_id=request.template_id,
-                subject=request.subject,
-                html_body=request.html_body,
-                text_body=request.text_body,
-                variables=tuple(request.variables),
-                from_address=request.from_address,
-            )
+        version, created = await repo.create_version(
+            self._pool,
+            template_id=request.template_id,
+            subject=request.subject,
+            html_body=request.html_body,
+            text_body=request.text_body,
+            variables=tuple(request.variables),
+            from_address=request.from_address,
         )
         return template_pb2.CreateTemplateResponse(
             template=template_to_proto(version), created=created
@@ -141,7 +136,7 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
             raise InvalidArgument("template_id is required", [("template_id", "required")])
         if version < 0:
             raise InvalidArgument("version is negative", [("version", "0 (latest) or more")])
-        found = await _db(repo.get_version(self._pool, template_id, version or None))
+        found = await repo.get_version(self._pool, template_id, version or None)
         if found is None:
             which = f"version {version}" if version else "any version"
             raise NotFound(f"template {template_id!r} has no {which}")
@@ -161,14 +156,12 @@ class TemplateServicer(template_pb2_grpc.TemplateServiceServicer):
         position = paging.decode(request.page_token, filters) if request.page_token else None
         if request.template_id:
             before = int(position[0]) if position else 2**31 - 1
-            rows = await _db(
-                repo.list_versions(
-                    self._pool, request.template_id, limit=size + 1, before_version=before
-                )
+            rows = await repo.list_versions(
+                self._pool, request.template_id, limit=size + 1, before_version=before
             )
         else:
             after = str(position[0]) if position else ""
-            rows = await _db(repo.list_latest(self._pool, limit=size + 1, after_id=after))
+            rows = await repo.list_latest(self._pool, limit=size + 1, after_id=after)
         page = rows[:size]
         token = ""
         if len(rows) > size:
