@@ -11,7 +11,6 @@ import asyncpg
 from sluice.common.app import new_service
 from sluice.common.db import create_pool
 from sluice.common.metrics import Metrics
-from sluice.common.providers import INTENT_KINDS
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
 from sluice.ingest import catalogue
@@ -61,7 +60,7 @@ def build(
         grpc_port=settings.ingest_port if port is None else port,
         service_names=[SERVICE_NAME, *catalogue.SERVICE_NAMES],
     )
-    budgets = dict.fromkeys(INTENT_KINDS, settings.default_deadline_seconds)
+    budgets = {kind: w.total_seconds() for kind, w in settings.deadline_windows().items()}
     observer = IngestMetrics(metrics, budgets)
     servicer = IngestServicer(resources.pool, settings, observer)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, grpc_listener.server)
