@@ -27,9 +27,11 @@ def _invalid(description: str) -> InvalidArgument:
     return exc
 
 
-def filter_fingerprint(campaign_id: str, status: int) -> str:
-    """Names the filters a token belongs to: a token is only valid with the same ones."""
-    return hashlib.sha256(f"{campaign_id}\x00{status}".encode()).hexdigest()[:16]
+def filter_fingerprint(campaign_id: str, status: int, *more: str) -> str:
+    """Names the filters a token belongs to: a token is only valid with the same ones.
+    Filters added later count only when set, so tokens issued before them stay valid."""
+    extra = "".join(f"\x00{m}" for m in more) if any(more) else ""
+    return hashlib.sha256(f"{campaign_id}\x00{status}{extra}".encode()).hexdigest()[:16]
 
 
 def encode_page_token(created_at: datetime, intent_id: uuid.UUID, fingerprint: str) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import asyncpg
 import grpc
@@ -17,15 +17,16 @@ from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO,
 from sluice.common.providers import ProviderConfig, takes_smtputf8
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
-from sluice.ingest import repository
+from sluice.ingest import cancel, listing, repository
 from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.paging import decode_page_token, encode_page_token, filter_fingerprint
+from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call
-from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text
+from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text, check_time
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -132,7 +133,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._metrics = metrics if metrics is not None else IngestMetrics(disabled_metrics())
         self._max_batch = settings.ingest_max_batch
         policy = Policy(
-            default_deadline=timedelta(seconds=settings.default_deadline_seconds),
+            default_deadline=settings.deadline_windows(),
             smtputf8_kinds=smtputf8_kinds(providers),
             check_deliverability=settings.ingest_check_deliverability,
         )
@@ -275,14 +276,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         status = PROTO_TO_STATUS.get(int(request.status)) if request.status else None
         if request.status and status is None:
             raise InvalidArgument("unknown status", [("status", "not an IntentStatus value")])
-        fingerprint = filter_fingerprint(request.campaign_id, int(request.status))
+        recipient = _list_recipient(request.recipient)
+        created_after = (
+            check_time("created_after", request) if request.HasField("created_after") else None
+        )
+        created_before = (
+            check_time("created_before", request) if request.HasField("created_before") else None
+        )
+        fingerprint = filter_fingerprint(
+            request.campaign_id,
+            int(request.status),
+            recipient,
+            request.created_after.ToJsonString() if created_after else "",
+            request.created_before.ToJsonString() if created_before else "",
+        )
         after = decode_page_token(request.page_token, fingerprint) if request.page_token else None
         rows = await db_call(
-            repository.list_intents(
+            listing.list_intents(
                 self._pool,
+                limit=size + 1,
+                recipient=recipient or None,
                 campaign_id=request.campaign_id or None,
                 status=status,
-                limit=size + 1,
+                created_after=created_after,
+                created_before=created_before,
                 after=after,
             )
         )
@@ -294,6 +311,30 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in page], next_page_token=token
         )
+
+    async def CancelIntent(
+        self, request: ingest_pb2.CancelIntentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.CancelIntentResponse:
+        row, cancelled = await cancel.cancel_intent(self._pool, _parse_uuid(request.id, "id"))
+        return ingest_pb2.CancelIntentResponse(intent=intent_to_proto(row), cancelled=cancelled)
+
+    async def CancelCampaign(
+        self, request: ingest_pb2.CancelCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.CancelCampaignResponse:
+        if not request.campaign_id:
+            raise InvalidArgument("campaign_id is required", [("campaign_id", "required")])
+        check_text("campaign_id", request.campaign_id, MAX_CAMPAIGN_LENGTH)
+        done = await cancel.cancel_campaign(self._pool, request.campaign_id)
+        return ingest_pb2.CancelCampaignResponse(cancelled=done.cancelled, leased=done.leased)
+
+
+def _list_recipient(raw: str) -> str:
+    if not raw:
+        return ""
+    try:
+        return check_recipient(raw[:400]).address
+    except RecipientError as exc:
+        raise InvalidArgument(f"recipient: {exc}", [("recipient", str(exc)[:200])]) from None
 
 
 def _parse_uuid(value: str, field: str) -> uuid.UUID:

@@ -27,6 +27,7 @@ from google.protobuf import timestamp_pb2
 
 from sluice.common.errors import InvalidArgument
 from sluice.common.model import PRIORITY, PROTO_TO_KIND
+from sluice.ingest import schedule
 from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.v1 import intent_pb2
@@ -40,7 +41,6 @@ MAX_VARIABLES = 64
 MAX_VARIABLE_NAME = 64
 MAX_VARIABLE_VALUE = 16 * 1024
 MAX_VARIABLES_TOTAL = 64 * 1024
-MAX_SCHEDULE_AHEAD = timedelta(days=366)
 MAX_VIOLATIONS = 10
 MESSAGE_VIOLATIONS = 3  # the message names the first few; the details have them all
 QUOTE_CHARS = 40
@@ -80,7 +80,7 @@ class Policy:
     that needs SMTPUTF8; such an address of another kind is refused at ingest.
     """
 
-    default_deadline: timedelta
+    default_deadline: timedelta | Mapping[str, timedelta]
     smtputf8_kinds: frozenset[str]
     check_deliverability: bool = False
 
@@ -130,6 +130,12 @@ class _Violations:
         return exc
 
 
+def normalize_recipient(address: str) -> str:
+    """The normalised form of an address (strict, as submissions are checked), or
+    ValueError (a RecipientError) saying why it is refused."""
+    return check_recipient(address).address
+
+
 def check_text(field: str, value: str, limit: int) -> None:
     """Raises InvalidArgument unless ``value`` is a single-line identifier of at most
     ``limit`` characters (for request fields outside a submission, e.g. filters)."""
@@ -137,6 +143,17 @@ def check_text(field: str, value: str, limit: int) -> None:
     v.text(field, value, limit)
     if v.items:
         raise v.error()
+
+
+def check_time(field: str, message: object) -> datetime:
+    """The UTC time of ``message``'s Timestamp ``field``, or InvalidArgument when it lies
+    outside years 1-9999 or its nanos are out of range (for request fields outside a
+    submission, e.g. list filters)."""
+    v = _Violations("")
+    value = _timestamp(getattr(message, field), field, v)
+    if value is None:
+        raise v.error()
+    return value
 
 
 def payload_hash(
@@ -156,6 +173,8 @@ def payload_hash(
         sub.send_at.ToJsonString() if sub.HasField("send_at") else "-",
         sub.deadline.ToJsonString() if sub.HasField("deadline") else "-",
     ]
+    if sub.HasField("send_at_local"):
+        parts.append(f"local:{sub.send_at_local.date_time}@{sub.send_at_local.time_zone}")
     for name, value in sorted((sub.variables if variables is None else variables).items()):
         parts.append(name)
         parts.append(value)
@@ -257,20 +276,20 @@ def validate_submission(
     variables = dict(sub.variables)
     _check_variables(variables, template, v)
 
-    send_at = now
-    if sub.HasField("send_at"):
-        send_at = _timestamp(sub.send_at, "send_at", v) or now
-        if send_at > now + MAX_SCHEDULE_AHEAD:
-            v.add("send_at", "at most 366 days ahead", R_TIME)
-            send_at = now
-    if sub.HasField("deadline"):
-        deadline = _timestamp(sub.deadline, "deadline", v) or send_at + policy.default_deadline
-        if deadline <= now:
-            v.add("deadline", "is in the past", R_TIME)
-        elif deadline <= send_at:
-            v.add("deadline", "must be after send_at", R_TIME)
-    else:
-        deadline = send_at + policy.default_deadline
+    # Out-of-range timestamps first: converting them would overflow (INTERNAL before).
+    times_ok = True
+    for name in ("send_at", "deadline"):
+        if sub.HasField(name) and _timestamp(getattr(sub, name), name, v) is None:
+            times_ok = False
+    send_at, deadline = now, now
+    if times_ok:
+        send_at, deadline = schedule.resolve(
+            sub,
+            kind,
+            now=now,
+            windows=policy.default_deadline,
+            bad=lambda f, d: v.add(f, d[:200], R_TIME),
+        )
 
     if v.items:
         raise v.error()
