@@ -51,6 +51,7 @@ DERIVED_KEY_PREFIX = "sluice:"
 _MIN_SECONDS = -62_135_596_800
 _MAX_SECONDS = 253_402_300_799
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_AHEAD = 366 * 86_400  # the furthest ahead a send-at may be, in seconds
 
 # Characters that must not reach a header (subject) or a single-line identifier: C0/C1
 # controls (CR, LF, NUL among them), line/paragraph separators and the bidi controls that
@@ -281,6 +282,10 @@ def validate_submission(
     for name in ("send_at", "deadline"):
         if sub.HasField(name) and _timestamp(getattr(sub, name), name, v) is None:
             times_ok = False
+    # A send-at near year 9999 would overflow the default deadline computed from it.
+    if times_ok and sub.HasField("send_at") and sub.send_at.seconds > now.timestamp() + _AHEAD:
+        v.add("send_at", "at most 366 days ahead", R_TIME)
+        times_ok = False
     send_at, deadline = now, now
     if times_ok:
         send_at, deadline = schedule.resolve(
