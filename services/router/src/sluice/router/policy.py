@@ -14,7 +14,8 @@ Choice. Candidates are the providers that are enabled, verified, serve the kind 
 SMTPUTF8 when the address needs it), whose circuit is closed and whose daily quota is not
 spent. Cheapest first (ties by name), an intent goes to the first candidate whose planned
 finish meets its deadline less ``margin_seconds``: the finish is when the work already
-planned for that provider, sent at its sustained rate, leaves room for this one. So mail
+planned for that provider, sent at its burst and then its sustained rate, leaves room for
+this one. So mail
 spills to a dearer provider only when the cheaper ones would make it miss its deadline.
 When no candidate can meet it, it goes to the one that finishes first (least late).
 
@@ -205,11 +206,16 @@ class _Lane:
     rate: float  # effective messages/s for this lane (inf: unlimited)
     backlog: float
     quota_left: float  # messages this lane may still take today (inf: no quota)
+    credit: float  # the burst: messages that go at once when the lane is idle
 
     def finish(self, now: float, due: float, extra: float = 1.0) -> float:
+        """When message number ``backlog + extra`` of this lane goes out: the first
+        ``credit`` at once (a full bucket), the rest at the lane's rate. Once a lane has
+        been busy its backlog still counts the burst it spent, so this stays right while
+        the backlog drains."""
         if math.isinf(self.rate):
             return max(now, due)
-        return max(now + (self.backlog + extra) / self.rate, due + 1.0 / self.rate)
+        return max(now + max(0.0, self.backlog + extra - self.credit) / self.rate, due)
 
 
 def _why_not(p: ProviderState, quota_spent: bool) -> str | None:
@@ -268,7 +274,7 @@ class _Planner:
             if p.daily_quota > 0:
                 quota = p.daily_quota * (1.0 if own or not reserved else share) - p.quota_used
             backlog = 0.0 if math.isinf(rate) else self.plan.backlog(key, self.now, drain)
-            lane = self.lanes[key] = _Lane(key, p, rate, backlog, quota)
+            lane = self.lanes[key] = _Lane(key, p, rate, backlog, quota, p.burst * share)
         return lane
 
     def lanes_for(self, kind: str, needs_smtputf8: bool) -> list[_Lane]:
@@ -295,15 +301,23 @@ class _Planner:
         return PlanState(MappingProxyType(lanes))
 
     def decide(self, d: Demand) -> Decision:
+        decision = self._decide(d)
+        planned = self.by_name.get(d.planned_provider or "")
+        if planned is not None and decision.provider != planned.name:
+            # It gives up the slot it had there: the work planned for that provider shrinks.
+            lane = self.lane(planned, d.kind)
+            lane.backlog = max(0.0, lane.backlog - 1.0)
+        return decision
+
+    def _decide(self, d: Demand) -> Decision:
         lanes = [lane for lane in self.lanes_for(d.kind, d.needs_smtputf8) if lane.quota_left >= 1]
         latest = d.deadline - self.config.margin_seconds
-        if d.planned_provider is not None:
+        if d.planned_provider is not None and self.now <= latest:
             for lane in lanes:
                 if lane.provider.name == d.planned_provider:
-                    finish = lane.finish(self.now, d.due, extra=0.0)
-                    if finish <= latest:
-                        return self._take(lane, finish, "its planned slot", count=False)
-                    break
+                    # Its slot is somewhere in that backlog, planned to meet the deadline
+                    # when it was given: keep it (counted once, when it was planned).
+                    return self._take(lane, self.now, "its planned slot", count=False)
         chosen: _Lane | None = None
         finish = math.inf
         skipped: list[str] = []
@@ -360,8 +374,10 @@ class _Planner:
             lane = self.lane(p, d.kind)
             if lane.quota_left < 1:
                 continue
-            if lane.finish(back, d.due) <= latest and chosen.finish(back, d.due) <= latest:
-                lane.backlog += 1.0
+            claimed = d.planned_provider == p.name  # its slot there is already counted
+            extra = 0.0 if claimed else 1.0
+            if lane.finish(back, d.due, extra) <= latest and chosen.finish(back, d.due) <= latest:
+                lane.backlog += extra
                 lane.quota_left -= 1.0
                 return Decision(
                     Verdict.WAIT,
