@@ -93,6 +93,26 @@ def test_a_campaign_ses_alone_cannot_finish_in_time_spills_to_sendgrid() -> None
     assert reasons == {"ses: cheapest that meets the deadline", "sendgrid: spilled: ses"}
 
 
+def test_a_throttled_intent_leased_again_keeps_its_slot() -> None:
+    now = datetime.fromtimestamp(NOW, UTC)
+    chooser = ProviderChooser(DEFAULT_PROVIDERS)
+    intents = [leased("marketing", now + timedelta(seconds=40)) for _ in range(100)]
+    plan_routes(intents, chooser, now=now)
+    assert chooser.plan.lanes["ses"] == (100.0, NOW)
+    # The sender throttled them and they come back: same slots, the plan does not grow.
+    again = plan_routes(intents, chooser, now=now)
+    assert chooser.plan.lanes["ses"] == (100.0, NOW)
+    assert {d.reason for d in again.decisions.values()} == {"ses: its planned slot"}
+
+
+def test_a_slot_given_up_shrinks_the_plan() -> None:
+    plan = PlanState({"ses": (100.0, NOW)})
+    ses_off = [replace(s, enabled=False) if s.name == "ses" else s for s in SEED]
+    (d,), after = run([demand(planned_provider="ses")], ses_off, plan)
+    assert d.provider == "sendgrid"
+    assert after.lanes["ses"] == (99.0, NOW)
+
+
 def test_with_time_to_spare_everything_stays_on_the_cheapest() -> None:
     decisions, _ = run([demand(within=900) for _ in range(10_000)])
     assert routed(decisions) == {"ses": 10_000}

@@ -184,7 +184,14 @@ class ProviderChooser:
     ``plan`` is the work already planned per provider; it is a small immutable value, so a
     caller that shares one plan between routers loads it before :func:`plan_routes` and
     stores it after.
+
+    It also remembers, for the last ``remember`` intents it routed, which provider it
+    planned them for: a throttled intent leased again claims the slot it was given instead
+    of being counted twice. The lease does not return the row's provider yet; when it does
+    (``LeasedIntent.provider``), that is used first and works across routers.
     """
+
+    remember = 200_000
 
     def __init__(
         self, providers: Iterable[ProviderConfig], config: PolicyConfig | None = None
@@ -192,6 +199,7 @@ class ProviderChooser:
         self.providers: tuple[ProviderConfig, ...] = tuple(providers)
         self.config = config if config is not None else PolicyConfig()
         self.plan = PlanState()
+        self._planned: dict[uuid.UUID, str] = {}
         ordered = sorted(
             (p for p in self.providers if p.enabled), key=lambda p: (p.cost_per_thousand, p.name)
         )
@@ -232,6 +240,21 @@ class ProviderChooser:
         decisions, self.plan = decide(demands, states, self.plan, now=now, config=self.config)
         return decisions
 
+    def route(
+        self, intents: Sequence[LeasedIntent], *, now: float, states: Sequence[ProviderState]
+    ) -> list[Decision]:
+        """Decisions for leased intents, remembering which provider each was planned for."""
+        planned = self._planned
+        demands = [demand_of(i, now, planned.get(i.id)) for i in intents]
+        decisions = self.decide(demands, now=now, states=states)
+        for intent, decision in zip(intents, decisions, strict=True):
+            if decision.provider is not None:
+                planned.pop(intent.id, None)  # re-inserted last: the oldest go first
+                planned[intent.id] = decision.provider
+        while len(planned) > self.remember:
+            del planned[next(iter(planned))]
+        return decisions
+
     def choose(self, kind: str, degraded: frozenset[str] = frozenset()) -> ProviderConfig | None:
         """The provider an intent of ``kind`` with no deadline pressure would get now, or
         None when none can take it. Leaves :attr:`plan` unchanged."""
@@ -240,8 +263,9 @@ class ProviderChooser:
         return next((p for p in self.providers if p.name == decision.provider), None)
 
 
-def demand_of(intent: LeasedIntent, now: float) -> Demand:
-    """What the policy needs to know of a leased intent."""
+def demand_of(intent: LeasedIntent, now: float, planned: str | None = None) -> Demand:
+    """What the policy needs to know of a leased intent (``planned``: the provider this
+    router planned it for before, when the lease does not say)."""
     due = getattr(intent, "due_at", None)
     local = intent.recipient.rpartition("@")[0]
     return Demand(
@@ -251,7 +275,7 @@ def demand_of(intent: LeasedIntent, now: float) -> Demand:
         # A non-ASCII local part needs SMTPUTF8; a non-ASCII domain travels as IDNA.
         needs_smtputf8=not local.isascii(),
         campaign=intent.campaign_id,
-        planned_provider=getattr(intent, "provider", None),
+        planned_provider=getattr(intent, "provider", None) or planned,
     )
 
 
@@ -312,7 +336,7 @@ def plan_routes(
             live.append(intent)
     at = now.timestamp()
     states = chooser.states(degraded=degraded, circuit_open=circuit_open, quota_used=quota_used)
-    decisions = chooser.decide([demand_of(i, at) for i in live], now=at, states=states)
+    decisions = chooser.route(live, now=at, states=states)
     for intent, decision in zip(live, decisions, strict=True):
         if decision.verdict is Verdict.ROUTE:
             assert decision.provider is not None
