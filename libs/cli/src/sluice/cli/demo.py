@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -26,11 +27,11 @@ from rich.markup import escape
 from sluice.cli.demo_campaign import (
     FAIL_RECIPIENT,
     campaign_items,
-    new_campaign_id,
     submit_campaign,
 )
 from sluice.cli.demo_progress import watch_campaign
 from sluice.cli.demo_report import DemoResult, failure_lines, fold_stats, print_summary, status_name
+from sluice.cli.demo_spill import explain_routing, new_campaign_id
 from sluice.cli.stack_settings import StackSettings
 from sluice.v1 import ingest_pb2_grpc, router_pb2, router_pb2_grpc
 
@@ -69,11 +70,17 @@ async def run_demo(
     router_target: str,
     *,
     count: int,
-    campaign: str,
+    campaign: str | None,
     wait_seconds: float,
     console: Console,
 ) -> DemoResult:
-    """Submits the campaign, waits for it, prints the summary and returns its numbers."""
+    """Submits the campaign, waits for it, prints the summary and returns its numbers.
+
+    Without a campaign id it makes a fresh one, here, just before submitting: a generated
+    id carries the start of its marketing deadline (see :mod:`sluice.cli.demo_spill`).
+    """
+    if campaign is None:
+        campaign = new_campaign_id(count)
     async with (
         grpc.aio.insecure_channel(ingest_target) as ingest_channel,
         grpc.aio.insecure_channel(router_target) as router_channel,
@@ -103,6 +110,7 @@ async def run_demo(
         )
         started = time.perf_counter()
         items = campaign_items(campaign, count)
+        routing = explain_routing(providers.providers, items, datetime.now(UTC))
         report = await submit_campaign(ingest, items, rpc_seconds=30)
         console.print(
             f"submitted in {report.seconds:.2f} s: [bold]{report.created} new, "
@@ -134,6 +142,7 @@ async def run_demo(
         elapsed=elapsed,
         timed_out=timed_out,
         costs=costs,
+        routing=routing,
     )
     print_summary(result, console, failures)
     return result
@@ -161,7 +170,7 @@ def run_demo_command(
                 count=count,
                 target=target,
                 router=router,
-                campaign=campaign or new_campaign_id(),
+                campaign=campaign,
                 wait_seconds=timeout,
                 state_dir=Path(state_dir),
             )
@@ -176,7 +185,7 @@ async def _demo_main(
     count: int,
     target: str | None,
     router: str | None,
-    campaign: str,
+    campaign: str | None,
     wait_seconds: float,
     state_dir: Path,
 ) -> int:

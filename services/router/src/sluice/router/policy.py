@@ -326,7 +326,10 @@ class _Planner:
             if f <= latest:
                 chosen, finish = lane, f
                 break
-            skipped.append(f"{lane.provider.name} would finish {f - d.deadline:+.0f} s past it")
+            skipped.append(
+                f"{lane.provider.name} would take {f - self.now:.0f} s, "
+                f"deadline in {d.deadline - self.now:.0f} s less {self.config.margin_seconds:g} s"
+            )
         if chosen is None:
             if not lanes:
                 return self._no_candidate(d)
