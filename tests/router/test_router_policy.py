@@ -6,6 +6,7 @@ import math
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -35,8 +36,8 @@ def p(name: str, cost: float, rate: float, *kinds: str, **kw: object) -> Provide
     )
 
 
-def demand(kind: str = "marketing", within: float = 3600.0, **kw: object) -> Demand:
-    return replace(Demand(kind=kind, deadline=NOW + within, due=NOW), **kw)
+def demand(kind: str = "marketing", within: float = 3600.0, **kw: Any) -> Demand:
+    return Demand(kind=kind, deadline=NOW + within, due=NOW)._replace(**kw)
 
 
 def run(
@@ -368,7 +369,7 @@ def test_one_intent_goes_to_the_cheapest_candidate_that_meets_its_deadline(
     """A reference model of the rule for one intent with no reserve, no waiting, no slot."""
     config = PolicyConfig(reserve=0.0)
     providers = [replace(s, degraded=False, available_at=None) for s in providers]
-    want = replace(want, planned_provider=None)
+    want = want._replace(planned_provider=None)
     (d,), _ = run([want], providers, plan, config=config)
     cands = sorted(
         (s for s in providers if usable(s) and s.serves(want.kind, want.needs_smtputf8)),

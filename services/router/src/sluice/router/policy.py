@@ -42,6 +42,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from sluice.common.providers import ProviderConfig
 
@@ -68,12 +69,12 @@ class Verdict(enum.Enum):
     NEVER = "never"
 
 
-@dataclass(frozen=True, slots=True)
-class Demand:
+class Demand(NamedTuple):
     """One intent as the policy sees it. Times are seconds since the epoch.
 
     ``campaign`` does not change the choice (fair shares between campaigns are the lease's
-    job); it is carried so callers can group decisions.
+    job); it is carried so callers can group decisions. (A named tuple, not a dataclass:
+    the router builds one per leased intent, and this is the cheapest immutable record.)
     """
 
     kind: str
@@ -187,9 +188,8 @@ class PlanState:
         return self.backlog(provider, now, rate) / rate
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
-    """What to do with one intent."""
+class Decision(NamedTuple):
+    """What to do with one intent (a named tuple: one is made per intent)."""
 
     verdict: Verdict
     reason: str
@@ -260,6 +260,12 @@ class _Planner:
         )
         self.lanes: dict[str, _Lane] = {}
         self.candidates: dict[tuple[str, bool], list[_Lane]] = {}
+        self.reasons: dict[tuple[str, str], str] = {}
+        # Waiting for a cheaper provider needs one whose circuit is open and that says when.
+        self.waitable = any(
+            p.circuit_open and p.available_at is not None and p.available_at > now
+            for p in self.providers
+        )
 
     def lane(self, p: ProviderState, kind: str) -> _Lane:
         reserved = p.name == self.reserved
@@ -301,64 +307,65 @@ class _Planner:
         return PlanState(MappingProxyType(lanes))
 
     def decide(self, d: Demand) -> Decision:
-        decision = self._decide(d)
-        planned = self.by_name.get(d.planned_provider or "")
-        if planned is not None and decision.provider != planned.name:
-            # It gives up the slot it had there: the work planned for that provider shrinks.
+        lanes = self.lanes_for(d.kind, d.needs_smtputf8)
+        now = self.now
+        latest = d.deadline - self.config.margin_seconds
+        planned = self.by_name.get(d.planned_provider) if d.planned_provider else None
+        if planned is not None:
+            if now <= latest:
+                for lane in lanes:
+                    if lane.provider is planned and lane.quota_left >= 1:
+                        # Its slot is somewhere in that backlog, planned to meet the deadline
+                        # when it was given: keep it (counted once, when it was planned).
+                        return self._take(lane, now, "its planned slot", count=False)
+            # It gives up that slot: the work planned there shrinks, and it is planned anew.
             lane = self.lane(planned, d.kind)
             lane.backlog = max(0.0, lane.backlog - 1.0)
-        return decision
-
-    def _decide(self, d: Demand) -> Decision:
-        lanes = [lane for lane in self.lanes_for(d.kind, d.needs_smtputf8) if lane.quota_left >= 1]
-        latest = d.deadline - self.config.margin_seconds
-        if d.planned_provider is not None and self.now <= latest:
-            for lane in lanes:
-                if lane.provider.name == d.planned_provider:
-                    # Its slot is somewhere in that backlog, planned to meet the deadline
-                    # when it was given: keep it (counted once, when it was planned).
-                    return self._take(lane, self.now, "its planned slot", count=False)
         chosen: _Lane | None = None
         finish = math.inf
-        skipped: list[str] = []
+        late: list[tuple[_Lane, float]] = []
         for lane in lanes:
-            f = lane.finish(self.now, d.due)
+            if lane.quota_left < 1:
+                continue
+            f = lane.finish(now, d.due)
             if f <= latest:
                 chosen, finish = lane, f
                 break
-            skipped.append(
-                f"{lane.provider.name} would take {f - self.now:.0f} s, "
-                f"deadline in {d.deadline - self.now:.0f} s less {self.config.margin_seconds:g} s"
-            )
+            late.append((lane, f))
         if chosen is None:
-            if not lanes:
+            if not late:
                 return self._no_candidate(d)
-            chosen = min(lanes, key=lambda lane: lane.finish(self.now, d.due))
-            finish = chosen.finish(self.now, d.due)
+            chosen, finish = min(late, key=lambda lf: lf[1])
             return self._take(
                 chosen,
                 finish,
                 f"no provider meets the deadline; {chosen.provider.name} finishes first",
             )
-        waited = self._wait_for_cheaper(d, chosen, latest)
-        if waited is not None:
-            return waited
-        if not skipped:
+        if self.waitable:
+            waited = self._wait_for_cheaper(d, chosen, latest)
+            if waited is not None:
+                return waited
+        if not late:
             return self._take(chosen, finish, "cheapest that meets the deadline")
-        return self._take(chosen, finish, "spilled: " + "; ".join(skipped))
+        # Formatted only for the intents that spill: the common case stays cheap.
+        margin = self.config.margin_seconds
+        why = "; ".join(
+            f"{lane.provider.name} would take {f - now:.0f} s, "
+            f"deadline in {d.deadline - now:.0f} s less {margin:g} s"
+            for lane, f in late
+        )
+        return self._take(chosen, finish, "spilled: " + why)
 
     def _take(self, lane: _Lane, finish: float, reason: str, *, count: bool = True) -> Decision:
         if count:
             lane.backlog += 1.0
         lane.quota_left -= 1.0
         p = lane.provider
-        return Decision(
-            Verdict.ROUTE,
-            f"{p.name}: {reason}",
-            provider=p.name,
-            cost=p.cost_per_thousand / 1000.0,
-            finish=finish,
-        )
+        key = (p.name, reason)
+        text = self.reasons.get(key)
+        if text is None:
+            text = self.reasons[key] = f"{p.name}: {reason}"
+        return Decision(Verdict.ROUTE, text, p.name, p.cost_per_thousand / 1000.0, finish)
 
     def _wait_for_cheaper(self, d: Demand, chosen: _Lane, latest: float) -> Decision | None:
         """WAIT for a cheaper provider that comes back soon, when waiting still meets the
@@ -377,10 +384,8 @@ class _Planner:
             lane = self.lane(p, d.kind)
             if lane.quota_left < 1:
                 continue
-            claimed = d.planned_provider == p.name  # its slot there is already counted
-            extra = 0.0 if claimed else 1.0
-            if lane.finish(back, d.due, extra) <= latest and chosen.finish(back, d.due) <= latest:
-                lane.backlog += extra
+            if lane.finish(back, d.due) <= latest and chosen.finish(back, d.due) <= latest:
+                lane.backlog += 1.0
                 lane.quota_left -= 1.0
                 return Decision(
                     Verdict.WAIT,

@@ -18,7 +18,7 @@ import math
 import random
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
@@ -199,7 +199,7 @@ class ProviderChooser:
         self.providers: tuple[ProviderConfig, ...] = tuple(providers)
         self.config = config if config is not None else PolicyConfig()
         self.plan = PlanState()
-        self._planned: dict[uuid.UUID, str] = {}
+        self._planned: dict[int, str] = {}
         ordered = sorted(
             (p for p in self.providers if p.enabled), key=lambda p: (p.cost_per_thousand, p.name)
         )
@@ -245,12 +245,16 @@ class ProviderChooser:
     ) -> list[Decision]:
         """Decisions for leased intents, remembering which provider each was planned for."""
         planned = self._planned
-        demands = [demand_of(i, now, planned.get(i.id)) for i in intents]
+        keys = [i.id.int for i in intents]  # UUID hashes in Python; its int hashes in C
+        stamps: dict[datetime, float] = {}  # a campaign shares one deadline: convert it once
+        demands = [
+            demand_of(i, now, planned.pop(k, None), stamps)
+            for i, k in zip(intents, keys, strict=True)
+        ]
         decisions = self.decide(demands, now=now, states=states)
-        for intent, decision in zip(intents, decisions, strict=True):
+        for key, decision in zip(keys, decisions, strict=True):
             if decision.provider is not None:
-                planned.pop(intent.id, None)  # re-inserted last: the oldest go first
-                planned[intent.id] = decision.provider
+                planned[key] = decision.provider  # popped above: re-inserted last, oldest go first
         while len(planned) > self.remember:
             del planned[next(iter(planned))]
         return decisions
@@ -263,19 +267,40 @@ class ProviderChooser:
         return next((p for p in self.providers if p.name == decision.provider), None)
 
 
-def demand_of(intent: LeasedIntent, now: float, planned: str | None = None) -> Demand:
+# Fields the lease may grow (the row's due time and provider); read only when it has them,
+# since getattr with a default on a missing attribute costs an exception per intent.
+_LEASE_FIELDS = frozenset(f.name for f in fields(LeasedIntent))
+_HAS_DUE = "due_at" in _LEASE_FIELDS
+_HAS_PROVIDER = "provider" in _LEASE_FIELDS
+
+
+def demand_of(
+    intent: LeasedIntent,
+    now: float,
+    planned: str | None = None,
+    stamps: dict[datetime, float] | None = None,
+) -> Demand:
     """What the policy needs to know of a leased intent (``planned``: the provider this
-    router planned it for before, when the lease does not say)."""
-    due = getattr(intent, "due_at", None)
+    router planned it for before, when the lease does not say; ``stamps``: a cache of
+    deadline conversions for one lease)."""
+    deadline = intent.deadline
+    stamp = stamps.get(deadline) if stamps is not None else None
+    if stamp is None:
+        stamp = deadline.timestamp()
+        if stamps is not None:
+            stamps[deadline] = stamp
+    due = getattr(intent, "due_at", None) if _HAS_DUE else None
+    if _HAS_PROVIDER:
+        planned = getattr(intent, "provider", None) or planned
     local = intent.recipient.rpartition("@")[0]
     return Demand(
-        kind=intent.kind,
-        deadline=intent.deadline.timestamp(),
-        due=due.timestamp() if isinstance(due, datetime) else now,
+        intent.kind,
+        stamp,
+        due.timestamp() if isinstance(due, datetime) else now,
         # A non-ASCII local part needs SMTPUTF8; a non-ASCII domain travels as IDNA.
-        needs_smtputf8=not local.isascii(),
-        campaign=intent.campaign_id,
-        planned_provider=getattr(intent, "provider", None) or planned,
+        not local.isascii(),
+        intent.campaign_id,
+        planned,
     )
 
 
