@@ -26,6 +26,8 @@ LEGEND = """\
   2 routers: another batch queued with the router stopped, then two router processes drain it
   steady: both routers running while ingest takes another batch; timed from the first
               submission until the last of that batch is sent
+  metrics off: the same run with SLUICE_METRICS_PORT=-1 (nothing recorded or served);
+              metrics cost = 1 - on/off (each run does both, back to back)
   ingest: SubmitIntents over gRPC, 1,000 per batch, 4 batches in flight, into an empty queue
   unary: 5,000 SubmitIntent calls, 64 in flight from one client process (its CPU counts)
   bare pipeline: the router's lease → complete SQL in this process, no gRPC, sender or Redis
@@ -74,6 +76,12 @@ def build_table(results: Measurements, count: int, runs: int) -> Table:
             f"{median(results.steady) / pipeline_base:.2f}x bare pipeline",
         ),
         (
+            "end to end, metrics off",
+            "emails/s",
+            results.e2e_metrics_off,
+            f"metrics cost {1 - median(results.e2e) / median(results.e2e_metrics_off):+.1%}",
+        ),
+        (
             "ingest SubmitIntents",
             "intents/s",
             results.ingest,
@@ -112,6 +120,7 @@ def save(results: Measurements, count: int, runs: int, where: dict[str, str]) ->
         "e2e_emails_per_s": results.e2e,
         "e2e_two_routers_emails_per_s": results.e2e_two_routers,
         "steady_emails_per_s": results.steady,
+        "e2e_metrics_off_emails_per_s": results.e2e_metrics_off,
         "ingest_intents_per_s": results.ingest,
         "ingest_unary_requests_per_s": results.unary,
         "baseline_pipeline_per_s": results.baseline_pipeline,

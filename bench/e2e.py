@@ -107,6 +107,7 @@ class Measurements:
     e2e: list[float] = field(default_factory=list)
     e2e_two_routers: list[float] = field(default_factory=list)
     steady: list[float] = field(default_factory=list)
+    e2e_metrics_off: list[float] = field(default_factory=list)
     baseline_insert: list[float] = field(default_factory=list)
     baseline_pipeline: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -368,8 +369,13 @@ async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[flo
         await asyncio.sleep(DONE_POLL)
 
 
-async def e2e_run(servers_: Servers, count: int, workdir: Path, report: Report) -> E2eRun:
-    """One end-to-end run: ingest alone, 1 router, 2 routers, then ingest while sending."""
+async def e2e_run(
+    servers_: Servers, count: int, workdir: Path, report: Report, *, metrics: bool = True
+) -> E2eRun:
+    """One end-to-end run: ingest alone, 1 router, then (with metrics on) 2 routers and
+    ingest while sending. ``metrics=False`` runs the services with metrics off
+    (``SLUICE_METRICS_PORT=-1``: nothing recorded, nothing served), for their cost, and
+    stops after the 1-router row."""
     providers_file = workdir / "providers.toml"
     providers_file.write_text(PROVIDERS_TOML)
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -388,7 +394,14 @@ async def e2e_run(servers_: Servers, count: int, workdir: Path, report: Report) 
             "SLUICE_SENDER_TARGET": f"127.0.0.1:{ports['sender']}",
             "SLUICE_LOG_LEVEL": "WARNING",
         }
-        services = {name: Service(name, env, workdir) for name in ports}
+        services = {
+            name: Service(
+                name,
+                {**env, "SLUICE_METRICS_PORT": str(find_free_port() if metrics else -1)},
+                workdir,
+            )
+            for name in ports
+        }
         for service in services.values():
             stack.push_async_callback(service.stop)
         stack.push_async_callback(_drop_redis_keys, servers_.redis_url, prefix)
@@ -431,11 +444,18 @@ async def e2e_run(servers_: Servers, count: int, workdir: Path, report: Report) 
             f"{e2e_rate:,.0f} emails/s (CPU s: {cpu_note})"
         )
 
+        if not metrics:
+            return E2eRun(ingest_rate, e2e_rate, unary_rate, cpu_note, 0.0, 0.0)
+
         # Two routers: stop the first, queue another `count`, start both, time the drain.
         await services["router"].stop()
         await _submit_all(f"127.0.0.1:{ports['ingest']}", submissions(f"{prefix}r2", count))
         routers = [services["router"]]
-        second_env = {**env, "SLUICE_ROUTER_PORT": str(find_free_port())}
+        second_env = {
+            **services["router"].env,
+            "SLUICE_ROUTER_PORT": str(find_free_port()),
+            "SLUICE_METRICS_PORT": str(find_free_port()),
+        }
         routers.append(Service("router", second_env, workdir, label="router2"))
         stack.push_async_callback(routers[1].stop)
         await asyncio.gather(*(r.start() for r in routers))
@@ -556,6 +576,9 @@ async def measure(count: int, runs: int, report: Report) -> tuple[Measurements, 
                 results.e2e_two_routers.append(one.e2e_two_routers)
                 results.steady.append(one.steady)
                 results.notes.append(f"run {run} CPU s during send (1 router): {one.cpu_note}")
+                report(f"run {run}/{runs}: end to end again with metrics off")
+                off = await e2e_run(servers_, count, workdir, report, metrics=False)
+                results.e2e_metrics_off.append(off.e2e)
                 report(f"run {run}/{runs}: baseline (bare database pipeline, in process)")
                 insert_rate, pipeline_rate = await baseline_run(servers_, count, report)
                 results.baseline_insert.append(insert_rate)

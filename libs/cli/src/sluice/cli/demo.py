@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from datetime import UTC, datetime
@@ -33,6 +34,7 @@ from sluice.cli.demo_progress import watch_campaign
 from sluice.cli.demo_report import DemoResult, failure_lines, fold_stats, print_summary, status_name
 from sluice.cli.demo_spill import explain_routing, new_campaign_id
 from sluice.cli.stack_settings import StackSettings
+from sluice.common.auth import client_interceptors
 from sluice.v1 import ingest_pb2_grpc, router_pb2, router_pb2_grpc
 
 # FAIL_RECIPIENT and campaign_items moved to demo_campaign; they stay importable from here
@@ -50,6 +52,10 @@ __all__ = [
 
 DEFAULT_INGEST = "127.0.0.1:50051"
 DEFAULT_ROUTER_PORT = 50052
+
+
+#: The token ``sluice demo`` (and other client commands) send to an existing stack.
+TOKEN_VARIABLE = "SLUICE_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 async def answers_health(target: str, probe_seconds: float = 1.0) -> bool:
@@ -73,17 +79,20 @@ async def run_demo(
     campaign: str | None,
     wait_seconds: float,
     console: Console,
+    token: str = "",
 ) -> DemoResult:
     """Submits the campaign, waits for it, prints the summary and returns its numbers.
 
     Without a campaign id it makes a fresh one, here, just before submitting: a generated
     id carries the start of its marketing deadline (see :mod:`sluice.cli.demo_spill`).
+    ``token`` (scopes submit and read) goes with every call; "" for a stack without auth.
     """
     if campaign is None:
         campaign = new_campaign_id(count)
+    auth = client_interceptors(token)
     async with (
-        grpc.aio.insecure_channel(ingest_target) as ingest_channel,
-        grpc.aio.insecure_channel(router_target) as router_channel,
+        grpc.aio.insecure_channel(ingest_target, interceptors=auth) as ingest_channel,
+        grpc.aio.insecure_channel(router_target, interceptors=auth) as router_channel,
     ):
         # grpc has no type stubs, so mypy cannot pick the aio overload of the stub itself.
         ingest = cast(
@@ -205,6 +214,7 @@ async def _demo_main(
             campaign=campaign,
             wait_seconds=wait_seconds,
             console=console,
+            token=os.environ.get(TOKEN_VARIABLE, ""),
         )
         return result.exit_code
 
@@ -227,6 +237,7 @@ async def _demo_main(
                     campaign=campaign,
                     wait_seconds=wait_seconds,
                     console=console,
+                    token=stack.token,
                 )
             )
             stopped = asyncio.create_task(stop.wait())
