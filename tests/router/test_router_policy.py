@@ -114,6 +114,19 @@ def test_a_slot_given_up_shrinks_the_plan() -> None:
     assert after.lanes["ses"] == (99.0, NOW)
 
 
+def test_routing_uses_only_verified_providers_and_smtputf8_ones_when_needed() -> None:
+    now = datetime.fromtimestamp(NOW, UTC)
+    ses, resend, sendgrid = DEFAULT_PROVIDERS
+    providers = [replace(ses, verified=False), resend, replace(sendgrid, smtputf8=False)]
+    chooser = ProviderChooser(providers)
+    plain = leased("marketing", now + timedelta(hours=1))
+    utf8 = replace(leased("marketing", now + timedelta(hours=1)), recipient="josé@exämple.com")
+    plan = plan_routes([plain, utf8], chooser, now=now)
+    chosen = {i.id: b.provider for b in plan.batches for i in b.intents}
+    # ses is cheapest but unverified; sendgrid next, but it cannot take SMTPUTF8.
+    assert chosen == {plain.id: "sendgrid", utf8.id: "resend"}
+
+
 def test_with_time_to_spare_everything_stays_on_the_cheapest() -> None:
     decisions, _ = run([demand(within=900) for _ in range(10_000)])
     assert routed(decisions) == {"ses": 10_000}
@@ -276,10 +289,21 @@ def test_config_is_validated() -> None:
         PolicyConfig(wait_seconds=0)
 
 
-def test_adapter_reads_fields_provider_config_does_not_have_yet() -> None:
-    config = ProviderConfig("x", "sandbox", 0.1, 5, 10, frozenset({"digest"}), enabled=False)
+def test_provider_state_carries_the_configured_fields() -> None:
+    config = ProviderConfig(
+        "x",
+        "sandbox",
+        0.1,
+        5,
+        10,
+        frozenset({"digest"}),
+        enabled=False,
+        verified=False,
+        smtputf8=True,
+        daily_quota=7,
+    )
     state = provider_state(config, quota_used=3, circuit_open=True, available_at=NOW)
-    assert (state.verified, state.smtputf8, state.daily_quota) == (True, True, 0)
+    assert (state.verified, state.smtputf8, state.daily_quota) == (False, True, 7)
     assert (state.enabled, state.quota_used, state.circuit_open) == (False, 3, True)
     assert state.rate == 5
 

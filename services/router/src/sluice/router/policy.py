@@ -128,12 +128,8 @@ def provider_state(
     degraded: bool = False,
     available_at: float | None = None,
 ) -> ProviderState:
-    """A :class:`ProviderState` from a :class:`sluice.common.providers.ProviderConfig`.
-
-    ``verified``, ``smtputf8`` and ``daily_quota`` are read with their documented defaults,
-    so this works before and after ProviderConfig gains them; it is the one place to change
-    when it has.
-    """
+    """A :class:`ProviderState` from a :class:`sluice.common.providers.ProviderConfig` and
+    what is true of the provider now."""
     return ProviderState(
         name=config.name,
         cost_per_thousand=config.cost_per_thousand,
@@ -141,9 +137,9 @@ def provider_state(
         burst=config.burst,
         intents=config.intents,
         enabled=config.enabled,
-        verified=bool(getattr(config, "verified", True)),
-        smtputf8=bool(getattr(config, "smtputf8", True)),
-        daily_quota=int(getattr(config, "daily_quota", 0)),
+        verified=config.verified,
+        smtputf8=config.smtputf8,
+        daily_quota=config.daily_quota,
         quota_used=quota_used,
         circuit_open=circuit_open,
         degraded=degraded,
