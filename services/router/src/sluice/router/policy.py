@@ -15,9 +15,8 @@ SMTPUTF8 when the address needs it), whose circuit is closed and whose daily quo
 spent. Cheapest first (ties by name), an intent goes to the first candidate whose planned
 finish meets its deadline less ``margin_seconds``: the finish is when the work already
 planned for that provider, sent at its burst and then its sustained rate, leaves room for
-this one. So mail
-spills to a dearer provider only when the cheaper ones would make it miss its deadline.
-When no candidate can meet it, it goes to the one that finishes first (least late).
+this one. So mail spills to a dearer provider only when the cheaper ones would make it miss
+its deadline. When no candidate can meet it, it goes to the one that finishes first.
 
 Headroom. A provider that is the only candidate for ``reserved_kind`` (transactional mail)
 keeps ``reserve`` of its sustained rate and daily quota for that kind: other kinds are
@@ -32,7 +31,8 @@ sends nothing). It is a small immutable value the caller keeps between batches, 
 store and load (for example in Redis, to share one plan between routers).
 
 An intent that was planned for a provider before (``planned_provider``: a throttled intent,
-or one that waited for its slot) claims its slot again: it is not counted twice.
+or one that waited for its slot) claims its slot again: it is not counted twice. When it
+goes elsewhere instead, its slot is given back.
 """
 
 from __future__ import annotations
