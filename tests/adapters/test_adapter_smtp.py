@@ -71,6 +71,9 @@ async def test_recipient_answers_map_to_outcomes() -> None:
         )
     assert [r.outcome for r in results] == ["permanent", "throttled", "transient", "accepted"]
     assert results[0].reason.startswith("smtp 550")
+    # Reasons are logged: the address the server echoed is redacted.
+    assert "reject@example.com" not in results[0].reason
+    assert "@example.com" in results[0].reason
     assert results[1].retry_after > 0
     assert [r.rcpt_tos for r in sink.received] == [["fine@example.com"]]
 

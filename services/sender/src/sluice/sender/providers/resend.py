@@ -37,6 +37,7 @@ from sluice.sender.providers.base import (
     OutboundEmail,
     ProviderResult,
     chunked,
+    provider_text,
     results_for,
     send_in_chunks,
 )
@@ -131,7 +132,7 @@ class ResendProvider:
                 return [ProviderResult(chunk[0].intent_id, "accepted", str(data.get("id", "")))]
             return _batch_results(chunk, data)
         error = str(data.get("name", "")) or f"http_{status}"
-        reason = f"resend {status} {error}: {str(data.get('message', ''))[:200]}"
+        reason = f"resend {status} {error}: {provider_text(str(data.get('message', '')))}"
         if status == 429:
             if "quota" in error:
                 until = _quota_reset(error, response)
@@ -166,7 +167,9 @@ def _batch_results(chunk: Sequence[OutboundEmail], data: dict[str, Any]) -> list
     for i, message in enumerate(chunk):
         if i in errors:
             results.append(
-                ProviderResult(message.intent_id, "permanent", reason=f"resend: {errors[i]}")
+                ProviderResult(
+                    message.intent_id, "permanent", reason=f"resend: {provider_text(errors[i])}"
+                )
             )
         else:
             provider_id = next(ids, "")

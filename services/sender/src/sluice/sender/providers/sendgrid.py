@@ -31,6 +31,7 @@ from sluice.sender.providers.base import (
     EmailProvider,
     OutboundEmail,
     ProviderResult,
+    provider_text,
     results_for,
     send_in_chunks,
 )
@@ -166,7 +167,7 @@ def _errors(response: httpx.Response) -> str:
             for e in errors
             if isinstance(e, dict)
         ]
-        return "; ".join(parts)[:300]
+        return provider_text("; ".join(parts), 300)
     return response.reason_phrase
 
 

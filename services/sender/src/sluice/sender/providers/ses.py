@@ -48,6 +48,7 @@ from sluice.sender.providers.base import (
     OutboundEmail,
     ProviderResult,
     chunked,
+    provider_text,
     send_in_chunks,
 )
 
@@ -159,7 +160,7 @@ def _refused(message: OutboundEmail, exc: ClientError) -> ProviderResult:
     code = str(error.get("Code", ""))
     text = str(error.get("Message", ""))
     status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
-    reason = f"ses {code}: {text[:200]}"
+    reason = f"ses {code}: {provider_text(text)}"
     if code in _THROTTLING:
         if "quota" in text.lower():
             until = datetime.now(UTC) + QUOTA_PAUSE
