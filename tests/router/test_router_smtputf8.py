@@ -41,12 +41,7 @@ def intent(smtputf8: bool) -> LeasedIntent:
 
 
 def able(p: ProviderConfig, value: bool) -> ProviderConfig:
-    # Until ProviderConfig carries smtputf8 (provider adapters), a stand-in with the field.
-    @dataclasses.dataclass(frozen=True)
-    class WithFlag(ProviderConfig):
-        smtputf8: bool = False
-
-    return WithFlag(**{f.name: getattr(p, f.name) for f in dataclasses.fields(p)}, smtputf8=value)
+    return dataclasses.replace(p, smtputf8=value)
 
 
 def test_cheapest_able_provider_takes_smtputf8_intents() -> None:
@@ -65,6 +60,6 @@ def test_no_able_provider_fails_the_intent_rather_than_sending_it() -> None:
     assert plan.decided[0].status == "failed"
 
 
-def test_without_the_field_only_the_sandbox_counts_as_able() -> None:
-    assert takes_smtputf8(provider("s", "sandbox", 0.1))
-    assert not takes_smtputf8(dataclasses.replace(provider("s", "sandbox", 0.1), kind="ses"))
+def test_the_flag_is_what_counts() -> None:
+    assert takes_smtputf8(able(provider("s", "sandbox", 0.1), True))
+    assert not takes_smtputf8(able(provider("s", "sandbox", 0.1), False))

@@ -229,9 +229,5 @@ def load_providers(path: str | Path | None) -> tuple[ProviderConfig, ...]:
 
 
 def takes_smtputf8(provider: ProviderConfig) -> bool:
-    """True when ``provider`` can send to an address that needs SMTPUTF8.
-
-    ``ProviderConfig.smtputf8`` says so once the provider adapters define it; until then
-    only the sandbox (which sends nothing anywhere) counts as able."""
-    able = getattr(provider, "smtputf8", None)
-    return provider.kind == "sandbox" if able is None else bool(able)
+    """True when ``provider`` can send to an address that needs SMTPUTF8."""
+    return provider.smtputf8
