@@ -17,7 +17,7 @@ from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO,
 from sluice.common.providers import ProviderConfig, takes_smtputf8
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
-from sluice.ingest import cancel, listing, repository
+from sluice.ingest import cancel, listing, repository, suppression_repository
 from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
@@ -72,7 +72,9 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
     return msg
 
 
-def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailIntent:
+def _new_to_proto(
+    row: NewIntent, created_at: datetime, status: str = "pending"
+) -> intent_pb2.EmailIntent:
     return intent_to_proto(
         IntentRow(
             id=row.id,
@@ -86,7 +88,7 @@ def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailInten
             send_at=row.send_at,
             deadline=row.deadline,
             due_at=row.send_at,
-            status="pending",
+            status=status,
             provider=None,
             provider_message_id=None,
             attempts=0,
@@ -153,7 +155,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._streams = Admission(
             max_calls=MAX_STREAMS, max_items=1, retry_after=settings.ingest_retry_after_seconds
         )
-        self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
+        self._coalescer = InsertCoalescer(
+            lambda rows: suppression_repository.insert_intents(pool, rows)
+        )
 
     async def aclose(self) -> None:
         """Stops the background writers and the lag monitor."""
@@ -161,9 +165,6 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         with contextlib.suppress(asyncio.CancelledError):
             await self._lag_watch
         await self._coalescer.aclose()
-
-    async def _insert_one(self, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
-        return [await self._coalescer.insert(rows[0])]
 
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
@@ -185,17 +186,26 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         with self.admission.admit(1):
             result = ingest_pb2.SubmitIntentResult()
             now = datetime.now(UTC)
+            outcomes: list[InsertOutcome] = []
+
+            async def insert_one(rows: Sequence[NewIntent]) -> list[InsertOutcome]:
+                outcomes.append(await self._coalescer.insert(rows[0]))
+                return outcomes
+
             (row,) = await self._submitter.submit(
                 [request.intent],
                 [result],
                 field=lambda _: "intent",
                 traceparent=current_traceparent(),
-                insert=self._insert_one,
+                insert=insert_one,
             )
             if isinstance(row, SluiceError):
                 raise row
             if result.created:
-                return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
+                status = "suppressed" if outcomes[0].suppressed else "pending"
+                return ingest_pb2.SubmitIntentResponse(
+                    intent=_new_to_proto(row, now, status), created=True
+                )
             stored = await db_call(repository.get_intent(self._pool, uuid.UUID(result.intent_id)))
             if stored is None:  # only if deleted between the two statements
                 raise NotFound(f"intent {result.intent_id} no longer exists")

@@ -26,7 +26,7 @@ from sluice.common.errors import (
     Unavailable,
 )
 from sluice.common.templates import TemplateCache
-from sluice.ingest import repository
+from sluice.ingest import suppression_repository
 from sluice.ingest.repository import InsertOutcome, NewIntent, TemplateRow
 from sluice.ingest.validation import (
     _UNSAFE_LINE,
@@ -197,7 +197,7 @@ class Submitter:
             )
         if not rows:
             return rows_by_pos
-        store = insert or (lambda batch: repository.insert_intents(self._pool, batch))
+        store = insert or (lambda batch: suppression_repository.insert_intents(self._pool, batch))
         outcomes = await db_call(store(rows))
         for i, row, outcome in zip(positions, rows, outcomes, strict=True):
             result = results[i]
