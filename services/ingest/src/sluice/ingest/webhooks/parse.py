@@ -91,9 +91,9 @@ def parse_ses(sns_message_id: str, message_text: str) -> list[DeliveryEvent]:
     if spec is None:
         return []
     our_type, key, recipients_key = spec
-    mail = body.get("mail") if isinstance(body.get("mail"), dict) else {}
-    part = body.get(key) if isinstance(body.get(key), dict) else {}
-    tags = mail.get("tags") if isinstance(mail.get("tags"), dict) else {}
+    mail = _obj(body.get("mail"))
+    part = _obj(body.get(key))
+    tags = _obj(mail.get("tags"))
     bounce: BounceType | None = None
     detail = ""
     if our_type == "bounced":
@@ -168,7 +168,7 @@ def parse_resend(svix_id: str, body: bytes) -> list[DeliveryEvent]:
     bounce: BounceType | None = None
     detail = ""
     if our_type == "bounced":
-        info = data.get("bounce") if isinstance(data.get("bounce"), dict) else {}
+        info = _obj(data.get("bounce"))
         bounce = "hard" if info.get("type") in ("Permanent", "hard") else "soft"
         detail = _detail(info.get("message") or info.get("subType") or "")
     to = data.get("to")
@@ -248,6 +248,10 @@ def parse_sendgrid(body: bytes) -> list[DeliveryEvent]:
             )
         )
     return events
+
+
+def _obj(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _str_or_none(value: object) -> str | None:

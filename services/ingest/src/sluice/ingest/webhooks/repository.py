@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from sluice.common.db import Executor, rows_affected
+from sluice.common.db import rows_affected
 from sluice.ingest.webhooks.events import RANK, DeliveryEvent
 
 NOTIFY_CHANNEL = "sluice_delivery_events"
@@ -115,6 +115,21 @@ WHERE s.address = ANY($1::text[]) AND intents.recipient = s.address
   AND intents.status = 'pending'
 """
 
+# Per-provider outcome counts of this minute, aggregated per batch in Python (one row per
+# provider), for the deliverability guards.
+COUNT_OUTCOMES_SQL = """
+INSERT INTO provider_event_counts AS c (
+    provider, minute, delivered, hard_bounced, soft_bounced, complained
+)
+SELECT u.provider, date_trunc('minute', now()), u.d, u.h, u.s, u.c
+FROM unnest($1::text[], $2::int8[], $3::int8[], $4::int8[], $5::int8[]) AS u(provider, d, h, s, c)
+ON CONFLICT (provider, minute) DO UPDATE
+SET delivered = c.delivered + EXCLUDED.delivered,
+    hard_bounced = c.hard_bounced + EXCLUDED.hard_bounced,
+    soft_bounced = c.soft_bounced + EXCLUDED.soft_bounced,
+    complained = c.complained + EXCLUDED.complained
+"""
+
 _SUPPRESSING = {"complained": "complaint", "unsubscribed": "unsubscribe"}
 
 
@@ -129,6 +144,8 @@ class RecordResult:
     suppressed: list[str] = field(default_factory=list)
     pending_suppressed: int = 0
     last_id: int = 0
+    #: (source, event id) of the events this call stored (the rest were redeliveries).
+    fresh: set[tuple[str, str]] = field(default_factory=set)
 
 
 @dataclass(frozen=True)
@@ -150,6 +167,10 @@ def _scrub(value: Any) -> Any:
     return value
 
 
+# The connection record() holds inside its transaction (a pool's proxy of one).
+Conn = Any
+
+
 async def record(
     pool: asyncpg.Pool,
     events: Sequence[DeliveryEvent],
@@ -169,7 +190,8 @@ async def record(
     async with pool.acquire() as conn, conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", EVENT_ORDER_LOCK)
         claimed = await conn.fetch(CLAIM_KEYS_SQL, [k[0] for k in unique], [k[1] for k in unique])
-        fresh = [unique[(r["source"], r["event_id"])] for r in claimed]
+        result.fresh = {(r["source"], r["event_id"]) for r in claimed}
+        fresh = [event for key, event in unique.items() if key in result.fresh]
         result.duplicates += len(unique) - len(fresh)
         if not fresh:
             return result
@@ -180,6 +202,7 @@ async def record(
         result.last_id = max(ids)
         result.applied = len(applied_ids)
         result.unmatched = sum(1 for m in matches if m is None)
+        await _count_outcomes(conn, fresh, matches)
         result.suppressed, addresses = await _suppress(
             conn, fresh, matches, soft_bounce_limit, soft_bounce_window
         )
@@ -192,7 +215,7 @@ async def record(
     return result
 
 
-async def _match(conn: Executor, events: Sequence[DeliveryEvent]) -> list[_Match | None]:
+async def _match(conn: Conn, events: Sequence[DeliveryEvent]) -> list[_Match | None]:
     tagged = list({e.intent_id for e in events if e.intent_id is not None})
     by_id: dict[uuid.UUID, _Match] = {}
     by_message: dict[str, _Match] = {}
@@ -212,15 +235,15 @@ async def _match(conn: Executor, events: Sequence[DeliveryEvent]) -> list[_Match
             by_message[r["provider_message_id"]] = match
     out: list[_Match | None] = []
     for e in events:
-        match = by_id.get(e.intent_id) if e.intent_id is not None else None
-        if match is None and e.provider_message_id:
-            match = by_message.get(e.provider_message_id)
-        out.append(match)
+        found = by_id.get(e.intent_id) if e.intent_id is not None else None
+        if found is None and e.provider_message_id:
+            found = by_message.get(e.provider_message_id)
+        out.append(found)
     return out
 
 
 async def _advance(
-    conn: Executor, events: Sequence[DeliveryEvent], matches: Sequence[_Match | None]
+    conn: Conn, events: Sequence[DeliveryEvent], matches: Sequence[_Match | None]
 ) -> dict[uuid.UUID, str]:
     best: dict[uuid.UUID, tuple[int, str]] = {}
     for event, match in zip(events, matches, strict=True):
@@ -242,7 +265,7 @@ async def _advance(
 
 
 async def _insert(
-    conn: Executor,
+    conn: Conn,
     events: Sequence[DeliveryEvent],
     matches: Sequence[_Match | None],
     applied_ids: dict[uuid.UUID, str],
@@ -275,8 +298,27 @@ async def _insert(
     return [int(r["id"]) for r in rows]
 
 
+async def _count_outcomes(
+    conn: Conn, events: Sequence[DeliveryEvent], matches: Sequence[_Match | None]
+) -> None:
+    counts: dict[str, list[int]] = {}
+    for e, m in zip(events, matches, strict=True):
+        column = {"delivered": 0, "complained": 3}.get(e.type)
+        if e.type == "bounced":
+            column = 1 if e.bounce == "hard" else 2
+        if column is None:
+            continue
+        provider = m.provider if m is not None and m.provider else e.source
+        counts.setdefault(provider, [0, 0, 0, 0])[column] += 1
+    if counts:
+        values = list(counts.values())
+        await conn.execute(
+            COUNT_OUTCOMES_SQL, list(counts), *([v[i] for v in values] for i in range(4))
+        )
+
+
 async def _suppress(
-    conn: Executor,
+    conn: Conn,
     events: Sequence[DeliveryEvent],
     matches: Sequence[_Match | None],
     soft_bounce_limit: int,
