@@ -98,10 +98,9 @@ class ProviderKeys:
 
     def client_ssl(self) -> ssl.SSLContext:
         """An SSL context that trusts only the test CA."""
-        ctx = ssl.create_default_context(
+        return ssl.create_default_context(
             cadata=self.ca_cert.public_bytes(serialization.Encoding.PEM).decode()
         )
-        return ctx
 
     def server_ssl(self) -> ssl.SSLContext:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
