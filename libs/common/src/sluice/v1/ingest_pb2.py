@@ -22,34 +22,39 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from sluice.v1 import events_pb2 as sluice_dot_v1_dot_events__pb2
 from sluice.v1 import intent_pb2 as sluice_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"]\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\"y\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\xca\x02\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x16sluice/v1/events.proto\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"]\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.sluice.v1.IntentEvent\"y\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x95\x01\n\x18WatchIntentEventsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12+\n\x05types\x18\x03 \x03(\x0e\x32\x1c.sluice.v1.DeliveryEventType\x12\x14\n\x0c\x61\x66ter_cursor\x18\x04 \x01(\t\"B\n\x19WatchIntentEventsResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.IntentEvent2\xac\x03\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponse\x12`\n\x11WatchIntentEvents\x12#.sluice.v1.WatchIntentEventsRequest\x1a$.sluice.v1.WatchIntentEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SUBMITINTENTREQUEST']._serialized_start=61
-  _globals['_SUBMITINTENTREQUEST']._serialized_end=127
-  _globals['_SUBMITINTENTRESPONSE']._serialized_start=129
-  _globals['_SUBMITINTENTRESPONSE']._serialized_end=208
-  _globals['_SUBMITINTENTSREQUEST']._serialized_start=210
-  _globals['_SUBMITINTENTSREQUEST']._serialized_end=278
-  _globals['_SUBMITINTENTRESULT']._serialized_start=280
-  _globals['_SUBMITINTENTRESULT']._serialized_end=373
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=375
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=446
-  _globals['_GETINTENTREQUEST']._serialized_start=448
-  _globals['_GETINTENTREQUEST']._serialized_end=478
-  _globals['_GETINTENTRESPONSE']._serialized_start=480
-  _globals['_GETINTENTRESPONSE']._serialized_end=539
-  _globals['_LISTINTENTSREQUEST']._serialized_start=541
-  _globals['_LISTINTENTSREQUEST']._serialized_end=662
-  _globals['_LISTINTENTSRESPONSE']._serialized_start=664
-  _globals['_LISTINTENTSRESPONSE']._serialized_end=751
-  _globals['_INGESTSERVICE']._serialized_start=754
-  _globals['_INGESTSERVICE']._serialized_end=1084
+  _globals['_SUBMITINTENTREQUEST']._serialized_start=85
+  _globals['_SUBMITINTENTREQUEST']._serialized_end=151
+  _globals['_SUBMITINTENTRESPONSE']._serialized_start=153
+  _globals['_SUBMITINTENTRESPONSE']._serialized_end=232
+  _globals['_SUBMITINTENTSREQUEST']._serialized_start=234
+  _globals['_SUBMITINTENTSREQUEST']._serialized_end=302
+  _globals['_SUBMITINTENTRESULT']._serialized_start=304
+  _globals['_SUBMITINTENTRESULT']._serialized_end=397
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=399
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=470
+  _globals['_GETINTENTREQUEST']._serialized_start=472
+  _globals['_GETINTENTREQUEST']._serialized_end=502
+  _globals['_GETINTENTRESPONSE']._serialized_start=504
+  _globals['_GETINTENTRESPONSE']._serialized_end=603
+  _globals['_LISTINTENTSREQUEST']._serialized_start=605
+  _globals['_LISTINTENTSREQUEST']._serialized_end=726
+  _globals['_LISTINTENTSRESPONSE']._serialized_start=728
+  _globals['_LISTINTENTSRESPONSE']._serialized_end=815
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_start=818
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_end=967
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_start=969
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_end=1035
+  _globals['_INGESTSERVICE']._serialized_start=1038
+  _globals['_INGESTSERVICE']._serialized_end=1466
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,11 @@ class IngestServiceStub:
     """Returns one intent by id."""
     ListIntents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListIntentsRequest, _ingest_pb2.ListIntentsResponse]
     """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+    WatchIntentEvents: _grpc.UnaryStreamMultiCallable[_ingest_pb2.WatchIntentEventsRequest, _ingest_pb2.WatchIntentEventsResponse]
+    """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+    first. Resumable: pass the cursor of the last event received to continue after a
+    disconnect without losing any.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -59,6 +64,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     """Returns one intent by id."""
     ListIntents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListIntentsRequest, _ingest_pb2.ListIntentsResponse]  # type: ignore[assignment]
     """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+    WatchIntentEvents: _aio.UnaryStreamMultiCallable[_ingest_pb2.WatchIntentEventsRequest, _ingest_pb2.WatchIntentEventsResponse]  # type: ignore[assignment]
+    """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+    first. Resumable: pass the cursor of the last event received to continue after a
+    disconnect without losing any.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts email intents and answers questions about them."""
@@ -96,5 +106,16 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListIntentsResponse, _abc.Awaitable[_ingest_pb2.ListIntentsResponse]]:
         """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+
+    @_abc_1.abstractmethod
+    def WatchIntentEvents(
+        self,
+        request: _ingest_pb2.WatchIntentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_pb2.WatchIntentEventsResponse], _abc.AsyncIterator[_ingest_pb2.WatchIntentEventsResponse]]:
+        """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+        first. Resumable: pass the cursor of the last event received to continue after a
+        disconnect without losing any.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
