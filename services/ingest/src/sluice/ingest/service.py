@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
@@ -23,6 +23,8 @@ from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.validation import validate_submission
+from sluice.ingest.webhooks import history
+from sluice.ingest.webhooks.watch import EventFeed, abort_with
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 T = TypeVar("T")
@@ -114,10 +116,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._templates = TemplateCache(pool)
         self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
         self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
+        self._events = EventFeed(
+            pool, settings.database_url, max_streams=settings.watch_max_streams
+        )
 
     async def aclose(self) -> None:
-        """Stops the background writers."""
+        """Stops the background writers and the event feed."""
         await self._coalescer.aclose()
+        await self._events.aclose()
 
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
@@ -191,7 +197,17 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         row = await _db(repository.get_intent(self._pool, intent_id))
         if row is None:
             raise NotFound(f"intent {intent_id} does not exist")
-        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
+        events = await _db(history.intent_events(self._pool, intent_id))
+        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row), events=events)
+
+    async def WatchIntentEvents(
+        self, request: ingest_pb2.WatchIntentEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.WatchIntentEventsResponse]:
+        try:
+            async for response in self._events.watch(request):
+                yield response
+        except SluiceError as exc:  # the error interceptor covers unary calls only, so far
+            await abort_with(context, exc)
 
     async def ListIntents(
         self, request: ingest_pb2.ListIntentsRequest, context: grpc.aio.ServicerContext
