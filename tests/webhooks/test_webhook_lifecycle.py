@@ -171,3 +171,20 @@ async def test_event_that_beats_the_write_back_is_applied_once_the_intent_is_sen
     await maintenance.run_once(hooks.pool, hooks.endpoint.config, hooks.metrics)
     assert await status_of(hooks.pool, intent_id) == "delivered"
     assert await hooks.pool.fetchval("SELECT applied FROM delivery_events") is True
+
+
+async def test_unknown_outcome_held_for_reconciliation_is_settled_by_the_event(
+    hooks: Hooks,
+) -> None:
+    # The router (0003) holds an intent whose send outcome was unknown as pending with
+    # held_for = 'reconcile'. The column is added here when this schema does not have it yet.
+    await hooks.pool.execute("ALTER TABLE intents ADD COLUMN IF NOT EXISTS held_for text")
+    [(held, recipient, _)] = await sent_intents(hooks.pool, 1, status="pending")
+    [(plain, other, _)] = await sent_intents(hooks.pool, 1, status="pending")
+    await hooks.pool.execute("UPDATE intents SET held_for = 'reconcile' WHERE id = $1", held)
+    for intent_id, address in ((held, recipient), (plain, other)):
+        body = resend_body("email.delivered", f"re-{intent_id}", address, intent_id=intent_id)
+        assert await hooks.post("/webhooks/resend", body, hooks.keys.resend_headers(body)) == 200
+    assert await status_of(hooks.pool, held) == "delivered"
+    # a pending intent nobody sent is not "delivered" by a stray event
+    assert await status_of(hooks.pool, plain) == "pending"

@@ -14,13 +14,14 @@ import asyncpg
 from sluice.ingest.webhooks import guards
 from sluice.ingest.webhooks.config import WebhookConfig
 from sluice.ingest.webhooks.metrics import WebhookMetrics
+from sluice.ingest.webhooks.repository import CURRENT_RANK_SQL, SETTLEABLE_SQL
 
 log = logging.getLogger("sluice.ingest.webhooks")
 
 # Events that arrived while their intent was still leased (the webhook beat the router's
 # write-back) are applied once the intent is 'sent'. Looks back one hour; an event older
 # than that whose intent never left 'leased' is left as history.
-REAPPLY_SQL = """
+REAPPLY_SQL = f"""
 WITH cand AS (
     SELECT DISTINCT ON (e.intent_id)
            e.intent_id, e.id, e.received_at, e.event_type,
@@ -35,9 +36,7 @@ WITH cand AS (
     SET status = c.event_type::intent_status, updated_at = now()
     FROM cand c
     WHERE i.id = c.intent_id
-      AND i.status::text IN ('sent', 'unknown', 'delivered', 'bounced')
-      AND (CASE i.status::text WHEN 'delivered' THEN 1 WHEN 'bounced' THEN 2
-                               WHEN 'complained' THEN 3 ELSE 0 END) < c.rank
+      AND {SETTLEABLE_SQL} AND {CURRENT_RANK_SQL} < c.rank
     RETURNING c.id, c.received_at
 )
 UPDATE delivery_events d SET applied = true

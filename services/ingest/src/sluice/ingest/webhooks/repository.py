@@ -34,10 +34,15 @@ NOTIFY_CHANNEL = "sluice_delivery_events"
 #: Serialises event inserts so ids commit in order: b"sluice\x00\x06" as a signed bigint.
 EVENT_ORDER_LOCK = 0x736C_7569_6365_0006
 
-#: Statuses an event may move an intent out of. 'unknown' is the router's "the request may
-#: have reached the provider" state: an event settles it. Compared as text, so this works
-#: whether or not that enum value exists yet.
-_SETTLEABLE = ("sent", "unknown", "delivered", "bounced")
+#: Statuses an event may move an intent out of, as SQL over the row ``i``. Besides these, an
+#: intent whose send outcome was unknown (the router holds it ``pending`` with
+#: ``held_for = 'reconcile'``) is settled by the event. ``to_jsonb(i)`` reads held_for
+#: without naming the column, so this statement also runs on a schema without it.
+SETTLEABLE_SQL = """(i.status::text IN ('sent', 'unknown', 'delivered', 'bounced')
+      OR (i.status = 'pending' AND to_jsonb(i) ->> 'held_for' = 'reconcile'))"""
+#: The rank of an intent's current status, as SQL over the row ``i``.
+CURRENT_RANK_SQL = """(CASE i.status::text WHEN 'delivered' THEN 1 WHEN 'bounced' THEN 2
+                             WHEN 'complained' THEN 3 ELSE 0 END)"""
 _STATUS_BY_RANK = {rank: status for status, rank in RANK.items()}
 
 CLAIM_KEYS_SQL = """
@@ -61,12 +66,11 @@ UPDATE intents i
 SET status = u.status::intent_status,
     last_error = CASE WHEN u.status IN ('bounced', 'complained') AND u.detail <> ''
                       THEN u.detail ELSE i.last_error END,
+    lease_id = NULL,
+    lease_expires_at = NULL,
     updated_at = now()
 FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[]) AS u(id, status, rank, detail)
-WHERE i.id = u.id
-  AND i.status::text IN ({", ".join(f"'{s}'" for s in _SETTLEABLE)})
-  AND (CASE i.status::text WHEN 'delivered' THEN 1 WHEN 'bounced' THEN 2
-                           WHEN 'complained' THEN 3 ELSE 0 END) < u.rank
+WHERE i.id = u.id AND {SETTLEABLE_SQL} AND {CURRENT_RANK_SQL} < u.rank
 RETURNING i.id, i.status::text AS status
 """
 
