@@ -80,7 +80,6 @@ async def hooks(
 ) -> AsyncIterator[Hooks]:
     await insert_template()
     registry = CollectorRegistry()
-    metrics = WebhookMetrics(registry)
     settings = webhook_settings(pg_dsn, keys, **settings_overrides)
     settings.validate()
     async with CertServer(keys) as certs:
@@ -88,13 +87,11 @@ async def hooks(
             cert_host=re.compile("localhost"), cert_port=certs.port, ssl_context=keys.client_ssl()
         )
         async with (
-            endpoint.running(
-                pg_pool, settings, host="127.0.0.1", port=0, metrics=metrics, sns_trust=trust
-            ) as ep,
+            endpoint.running(pg_pool, settings, registry=registry, sns_trust=trust) as ep,
             aiohttp.ClientSession() as http,
         ):
             yield Hooks(
-                f"http://127.0.0.1:{ep.port}", http, pg_pool, keys, certs, metrics, registry, ep
+                f"http://127.0.0.1:{ep.port}", http, pg_pool, keys, certs, ep.metrics, registry, ep
             )
 
 

@@ -19,9 +19,9 @@ from tests.webhooks.payloads import sendgrid_body, sendgrid_event
 
 @pytest.fixture
 async def stub(pg_dsn: str, hooks: Hooks) -> AsyncIterator[ingest_pb2_grpc.IngestServiceStub]:
-    settings = IngestSettings(database_url=pg_dsn, db_pool_size=4)
+    settings = IngestSettings(database_url=pg_dsn, db_pool_size=4, webhook_port=-1)
     async with (
-        app.running(settings, disabled(), port=0, webhook_port=-1) as handle,
+        app.running(settings, disabled(), port=0) as handle,
         grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
     ):
         yield ingest_pb2_grpc.IngestServiceStub(channel)

@@ -15,9 +15,10 @@ class IngestSettings(CommonSettings):
 
     service: ClassVar[str] = "ingest"
 
+    metrics_port: int = 9091
     ingest_port: int = 50051
     default_deadline_seconds: float = 86_400.0
-    # Delivery webhooks and one-click unsubscribe (sluice.ingest.webhooks.settings).
+    # Delivery webhooks and one-click unsubscribe (checked in sluice.ingest.webhooks.config).
     webhook_port: int = 8080
     webhook_max_body_bytes: int = 1_048_576
     webhook_tolerance_seconds: float = 300.0

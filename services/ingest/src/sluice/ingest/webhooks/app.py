@@ -30,6 +30,8 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from sluice.common.errors import Unavailable
+from sluice.common.metrics import HealthFlag
 from sluice.common.unsubscribe import BadToken, read_token
 from sluice.ingest.webhooks import sendgrid_sig, svix
 from sluice.ingest.webhooks.config import WebhookConfig
@@ -67,7 +69,8 @@ class Webhooks:
         self.metrics = metrics
         self.sns = sns
         self.clock = clock
-        self.serving = True
+        #: What /healthz answers (the listener's serving flag once attached).
+        self.health = HealthFlag()
 
     async def _store(self, source: str, events: Sequence[DeliveryEvent]) -> web.Response:
         if not events:
@@ -163,7 +166,9 @@ class Webhooks:
         return web.Response(text="unsubscribed\n")
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.Response(status=200 if self.serving else 503, text="ok\n")
+        if self.health.serving:
+            return web.Response(text="ok\n")
+        return web.Response(status=503, text="not serving\n")
 
 
 def _source_of(request: web.Request) -> str:
@@ -191,7 +196,8 @@ def _middleware(hooks: Webhooks) -> Any:
             return web.Response(status=413, text="too_large: body over the limit\n")
         except web.HTTPException:
             raise
-        except (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        except (Unavailable, OSError) as exc:
+            # The provider retries a 5xx later; nothing was committed.
             hooks.metrics.request(source, "unavailable")
             log.warning("a %s webhook could not be stored: %s", source, exc)
             return web.Response(status=503, text="unavailable: try again\n")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.ingest.webhooks.config import WebhookConfig
 
 WINDOW_COUNTS_SQL = """
@@ -80,6 +80,7 @@ def judge(
     return GuardState(provider, guard, tripped, rate, threshold, events, volume)
 
 
+@db_boundary
 async def evaluate(pool: Executor, config: WebhookConfig) -> list[GuardState]:
     """Recomputes every provider's guards and stores them; returns the new states."""
     rows = {r["provider"]: r for r in await pool.fetch(WINDOW_COUNTS_SQL, config.guard_window)}
@@ -128,6 +129,7 @@ async def evaluate(pool: Executor, config: WebhookConfig) -> list[GuardState]:
     return states
 
 
+@db_boundary
 async def blocked_kinds(pool: Executor) -> dict[str, set[str]]:
     """provider -> kinds it must not be sent right now (what the router reads)."""
     rows = await pool.fetch(

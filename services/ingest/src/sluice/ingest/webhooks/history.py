@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import asyncpg
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.common.model import KIND_TO_PROTO, to_timestamp
 from sluice.v1 import events_pb2
 
@@ -70,6 +70,7 @@ def to_proto(row: asyncpg.Record) -> events_pb2.IntentEvent:
     return msg
 
 
+@db_boundary
 async def intent_events(
     pool: Executor, intent_id: uuid.UUID, *, limit: int = 200
 ) -> list[events_pb2.IntentEvent]:
@@ -77,11 +78,13 @@ async def intent_events(
     return [to_proto(r) for r in await pool.fetch(HISTORY_SQL, intent_id, limit)]
 
 
+@db_boundary
 async def last_id(pool: Executor) -> int:
     """The newest event's cursor (0 when there is none)."""
     return int(await pool.fetchval(LAST_ID_SQL))
 
 
+@db_boundary
 async def page(
     pool: Executor,
     *,

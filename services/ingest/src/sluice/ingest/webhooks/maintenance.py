@@ -11,6 +11,7 @@ import logging
 
 import asyncpg
 
+from sluice.common.errors import Unavailable
 from sluice.ingest.webhooks import guards
 from sluice.ingest.webhooks.config import WebhookConfig
 from sluice.ingest.webhooks.metrics import WebhookMetrics
@@ -67,6 +68,6 @@ async def run(pool: asyncpg.Pool, config: WebhookConfig, metrics: WebhookMetrics
     while True:
         try:
             await run_once(pool, config, metrics)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (Unavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("webhook maintenance round failed: %s", exc)
         await asyncio.sleep(config.guard_check_seconds)

@@ -1,17 +1,15 @@
-"""What the webhook endpoint counts, on a Prometheus registry (the default one unless a test
-passes its own). Labels never carry addresses or secrets."""
+"""What the webhook endpoint counts, on ingest's Prometheus registry. Labels never carry
+addresses or secrets."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from prometheus_client.registry import REGISTRY
 
 
 class WebhookMetrics:
     """Counters for requests and events, gauges for the deliverability guards."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = REGISTRY if registry is None else registry
+    def __init__(self, registry: CollectorRegistry) -> None:
         self.requests = Counter(
             "sluice_webhook_requests",
             "Webhook requests by source and outcome (accepted, duplicate, forged, stale, ...)",
@@ -46,15 +44,3 @@ class WebhookMetrics:
     def request(self, source: str, outcome: str) -> None:
         """Counts one request's outcome."""
         self.requests.labels(source, outcome).inc()
-
-
-_default: WebhookMetrics | None = None
-
-
-def default_metrics() -> WebhookMetrics:
-    """The process's metrics on the default registry (created once: a registry refuses the
-    same metric twice)."""
-    global _default
-    if _default is None:
-        _default = WebhookMetrics()
-    return _default

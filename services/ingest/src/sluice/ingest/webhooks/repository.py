@@ -27,7 +27,7 @@ from typing import Any
 
 import asyncpg
 
-from sluice.common.db import rows_affected
+from sluice.common.db import db_boundary, rows_affected
 from sluice.ingest.webhooks.events import RANK, DeliveryEvent
 
 NOTIFY_CHANNEL = "sluice_delivery_events"
@@ -175,6 +175,7 @@ def _scrub(value: Any) -> Any:
 Conn = Any
 
 
+@db_boundary
 async def record(
     pool: asyncpg.Pool,
     events: Sequence[DeliveryEvent],

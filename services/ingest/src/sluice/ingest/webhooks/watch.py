@@ -19,10 +19,8 @@ import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
-import grpc
 
-from sluice.common.errors import InvalidArgument, ResourceExhausted, SluiceError
-from sluice.common.grpcserver import error_status
+from sluice.common.errors import InvalidArgument, ResourceExhausted
 from sluice.common.model import PROTO_TO_KIND
 from sluice.ingest.webhooks import history
 from sluice.ingest.webhooks.repository import NOTIFY_CHANNEL
@@ -133,14 +131,3 @@ class EventFeed:
                 "after_cursor is not valid", [("after_cursor", "use a cursor from an event")]
             )
         return int(text)
-
-
-async def abort_with(context: grpc.aio.ServicerContext, exc: SluiceError) -> None:
-    """Ends a streaming call with ``exc``'s rich status (what the interceptor does for unary
-    calls)."""
-    status = error_status(exc)
-    await context.abort(
-        exc.code,
-        exc.message,
-        trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-    )

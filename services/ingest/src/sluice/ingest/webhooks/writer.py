@@ -10,7 +10,6 @@ request is answered only after its batch has committed, so a 200 always means st
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from sluice.ingest.webhooks.events import DeliveryEvent
@@ -28,7 +27,6 @@ class EventWriter:
         self._queue: asyncio.Queue[tuple[Sequence[DeliveryEvent], asyncio.Future[RecordResult]]] = (
             asyncio.Queue()
         )
-        self._task = asyncio.create_task(self._run(), name="webhook-event-writer")
 
     async def write(self, events: Sequence[DeliveryEvent]) -> RecordResult:
         """Stores ``events`` (perhaps with other requests' events); returns the batch's
@@ -37,7 +35,17 @@ class EventWriter:
         await self._queue.put((events, future))
         return await future
 
-    async def _run(self) -> None:
+    async def run(self) -> None:
+        """The writer loop; runs until cancelled (a supervised task of the service). Requests
+        still waiting when it is cancelled get CancelledError."""
+        try:
+            await self._loop()
+        finally:
+            while not self._queue.empty():
+                _, fut = self._queue.get_nowait()
+                fut.cancel()
+
+    async def _loop(self) -> None:
         while True:
             batch = [await self._queue.get()]
             await asyncio.sleep(0)  # let requests already being parsed join this batch
@@ -63,12 +71,3 @@ class EventWriter:
             for _, fut in live:
                 if not fut.done():
                     fut.set_result(result)
-
-    async def aclose(self) -> None:
-        """Stops the writer; requests still waiting get CancelledError."""
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
-        while not self._queue.empty():
-            _, fut = self._queue.get_nowait()
-            fut.cancel()
