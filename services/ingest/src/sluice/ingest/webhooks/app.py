@@ -30,7 +30,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
-from sluice.common.errors import Unavailable
+from sluice.common.errors import InvalidArgument, Unavailable
 from sluice.common.metrics import HealthFlag
 from sluice.common.unsubscribe import BadToken, read_token
 from sluice.ingest.webhooks import sendgrid_sig, svix
@@ -196,6 +196,10 @@ def _middleware(hooks: Webhooks) -> Any:
             return web.Response(status=413, text="too_large: body over the limit\n")
         except web.HTTPException:
             raise
+        except InvalidArgument as exc:
+            # a value the database refused (it passed parsing): the request is at fault
+            hooks.metrics.request(source, "malformed")
+            return web.Response(status=400, text=f"malformed: {exc.message}\n")
         except (Unavailable, OSError) as exc:
             # The provider retries a 5xx later; nothing was committed.
             hooks.metrics.request(source, "unavailable")

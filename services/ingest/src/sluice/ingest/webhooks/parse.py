@@ -47,12 +47,15 @@ def _uuid(value: object) -> uuid.UUID | None:
 
 def _time(value: object) -> datetime:
     if isinstance(value, int | float) and not isinstance(value, bool):
-        return datetime.fromtimestamp(value, UTC)
+        try:
+            return datetime.fromtimestamp(value, UTC)
+        except (ValueError, OverflowError, OSError):
+            return datetime.now(UTC)  # out of any calendar: when we heard of it
     if isinstance(value, str):
         try:
             parsed = datetime.fromisoformat(value)
         except ValueError:
-            pass
+            pass  # not ISO 8601: falls through to "now"
         else:
             return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
     return datetime.now(UTC)

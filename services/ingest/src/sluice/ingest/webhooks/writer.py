@@ -63,11 +63,28 @@ class EventWriter:
                 for _, fut in live:
                     fut.cancel()
                 raise
-            except Exception as exc:  # noqa: BLE001  (handed to every waiting request)
-                for _, fut in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
+            except Exception:  # noqa: BLE001  (retried per request just below)
+                # One request's bad data must not fail the others it was batched with: each
+                # is written alone, and only the one that fails again gets the error.
+                await self._one_by_one(live)
                 continue
             for _, fut in live:
                 if not fut.done():
                     fut.set_result(result)
+
+    async def _one_by_one(
+        self, live: list[tuple[Sequence[DeliveryEvent], asyncio.Future[RecordResult]]]
+    ) -> None:
+        for events, fut in live:
+            try:
+                result = await self._record(events)
+            except asyncio.CancelledError:
+                for _, waiting in live:
+                    waiting.cancel()
+                raise
+            except Exception as exc:  # noqa: BLE001  (handed to the waiting request)
+                if not fut.done():
+                    fut.set_exception(exc)
+                continue
+            if not fut.done():
+                fut.set_result(result)
