@@ -111,12 +111,15 @@ WHERE suppressions.reason = 'soft_bounce' AND EXCLUDED.reason <> 'soft_bounce'
 RETURNING address
 """
 
+# "intents.recipient = ANY(...)" so the plan starts from intents_pending_recipient_idx:
+# written as "s.address = ANY(...)" the planner walked every pending intent instead
+# (measured 38 ms per batch on 40k intents, against well under 1 ms).
 SUPPRESS_PENDING_SQL = """
 UPDATE intents
 SET status = 'suppressed', last_error = 'recipient suppressed: ' || s.reason, updated_at = now()
 FROM suppressions s
-WHERE s.address = ANY($1::text[]) AND intents.recipient = s.address
-  AND intents.status = 'pending'
+WHERE intents.recipient = ANY($1::text[]) AND intents.status = 'pending'
+  AND s.address = intents.recipient
 """
 
 # Per-provider outcome counts of this minute, aggregated per batch in Python (one row per
