@@ -12,9 +12,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sluice.common.unsubscribe import BadToken, make_token, read_token
+from sluice.ingest.validation import normalize_recipient
 from sluice.ingest.webhooks import sendgrid_sig, svix
 from sluice.ingest.webhooks.errors import WebhookRejected
-from sluice.ingest.webhooks.parse import sendgrid_message_id
+from sluice.ingest.webhooks.parse import normalise, sendgrid_message_id
 from sluice.ingest.webhooks.sns import string_to_sign
 
 KEY = b"k" * 24
@@ -122,3 +123,29 @@ def test_unsubscribe_tokens() -> None:
         read_token(secret, f"{hex_id}.{int(expiry) + 3600}.{mac}", now=NOW)
     with pytest.raises(BadToken):
         read_token(secret, "garbage", now=NOW)
+
+
+_atom = st.text(alphabet="abcXYZ019!#$%&'*+/=?^_`{|}~-", min_size=1, max_size=8)
+_label = st.from_regex(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,6}[A-Za-z0-9])?", fullmatch=True)
+
+
+@given(
+    st.lists(_atom, min_size=1, max_size=3),
+    st.lists(_label, min_size=1, max_size=3),
+    st.sampled_from(["com", "ORG", "Example", "de"]),
+)
+def test_fast_address_normalisation_matches_email_validator(
+    locals_: list[str], labels: list[str], tld: str
+) -> None:
+    address = ".".join(locals_) + "@" + ".".join([*labels, tld])
+    try:
+        expected = normalize_recipient(address)
+    except ValueError:
+        return  # not an address ingest would have stored
+    assert normalise(address) == expected
+
+
+def test_addresses_that_need_the_full_normalisation() -> None:
+    assert normalise("José@Exämple.COM") == normalize_recipient("José@Exämple.COM")
+    assert normalise("Ana <Ana@Example.COM>") == "Ana@example.com"
+    assert normalise("no-at-sign") is None

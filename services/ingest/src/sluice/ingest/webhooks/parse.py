@@ -8,6 +8,7 @@ WebhookRejected(400) before anything is stored.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -18,6 +19,11 @@ from sluice.ingest.webhooks.errors import malformed
 from sluice.ingest.webhooks.events import INTENT_TAG, BounceType, DeliveryEvent, EventType
 
 _MAX_DETAIL = 500
+# dot-atom local part and an ASCII host name: the addresses whose normal form is trivial
+_SIMPLE = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)+"
+)
 
 
 def normalise(address: object) -> str | None:
@@ -27,10 +33,17 @@ def normalise(address: object) -> str | None:
     # Bounce reports may carry a display name: "Ana <ana@example.com>".
     if "<" in address and address.rstrip().endswith(">"):
         address = address[address.rindex("<") + 1 : address.rindex(">")]
+    address = address.strip()
+    local, _, domain = address.rpartition("@")
+    if _SIMPLE.fullmatch(address):
+        # What email-validator's normalisation does to a plain ASCII address (domain
+        # lower-cased, local part kept), without its cost (~80 us an address, most of the
+        # parsing time of a SendGrid batch). Events matched to an intent use the intent's
+        # stored recipient anyway; this form matters for unmatched ones.
+        return f"{local}@{domain.lower()}"
     try:
-        return normalize_recipient(address.strip())
+        return normalize_recipient(address)
     except ValueError:
-        local, _, domain = address.strip().rpartition("@")
         return f"{local}@{domain.lower()}"
 
 

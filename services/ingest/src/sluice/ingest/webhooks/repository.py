@@ -52,7 +52,7 @@ ON CONFLICT DO NOTHING
 RETURNING source, event_id
 """
 
-_MATCH_COLUMNS = "id, provider, campaign_id, kind::text AS kind, provider_message_id"
+_MATCH_COLUMNS = "id, provider, campaign_id, kind::text AS kind, provider_message_id, recipient"
 MATCH_BY_ID_SQL = f"SELECT {_MATCH_COLUMNS} FROM intents WHERE id = ANY($1::uuid[])"
 MATCH_BY_MESSAGE_SQL = f"""
 SELECT {_MATCH_COLUMNS} FROM intents
@@ -161,6 +161,7 @@ class _Match:
     provider: str | None
     campaign_id: str
     kind: str
+    recipient: str
 
 
 def _scrub(value: Any) -> Any:
@@ -223,13 +224,17 @@ async def record(
     return result
 
 
+def _match_of(r: asyncpg.Record) -> _Match:
+    return _Match(r["id"], r["provider"], r["campaign_id"], r["kind"], r["recipient"])
+
+
 async def _match(conn: Conn, events: Sequence[DeliveryEvent]) -> list[_Match | None]:
     tagged = list({e.intent_id for e in events if e.intent_id is not None})
     by_id: dict[uuid.UUID, _Match] = {}
     by_message: dict[str, _Match] = {}
     if tagged:
         for r in await conn.fetch(MATCH_BY_ID_SQL, tagged):
-            by_id[r["id"]] = _Match(r["id"], r["provider"], r["campaign_id"], r["kind"])
+            by_id[r["id"]] = _match_of(r)
     untagged = list(
         {
             e.provider_message_id
@@ -239,8 +244,7 @@ async def _match(conn: Conn, events: Sequence[DeliveryEvent]) -> list[_Match | N
     )
     if untagged:
         for r in await conn.fetch(MATCH_BY_MESSAGE_SQL, untagged):
-            match = _Match(r["id"], r["provider"], r["campaign_id"], r["kind"])
-            by_message[r["provider_message_id"]] = match
+            by_message[r["provider_message_id"]] = _match_of(r)
     out: list[_Match | None] = []
     for e in events:
         found = by_id.get(e.intent_id) if e.intent_id is not None else None
@@ -292,7 +296,7 @@ async def _insert(
             m.campaign_id if m is not None else None,
             m.kind if m is not None else None,
             _scrub(e.provider_message_id),
-            _scrub(e.recipient),
+            m.recipient if m is not None else _scrub(e.recipient),
             e.type,
             e.bounce,
             applied,
@@ -336,9 +340,10 @@ async def _suppress(
     wanted: dict[str, tuple[str, str, uuid.UUID | None, str]] = {}
     soft: dict[str, tuple[str, uuid.UUID | None, str]] = {}
     for e, m in zip(events, matches, strict=True):
-        if not e.recipient:
+        # The intent's stored recipient is the exact form pending intents carry.
+        address = m.recipient if m is not None else _scrub(e.recipient)
+        if not address:
             continue
-        address = _scrub(e.recipient)
         provider = m.provider if m is not None and m.provider else e.source
         intent = m.id if m is not None else None
         reason = _SUPPRESSING.get(e.type)
