@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -11,9 +12,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sluice.common.errors import ConfigError
 from sluice.common.unsubscribe import BadToken, make_token, read_token
+from sluice.ingest.settings import IngestSettings
 from sluice.ingest.validation import normalize_recipient
 from sluice.ingest.webhooks import sendgrid_sig, svix
+from sluice.ingest.webhooks.config import from_settings
 from sluice.ingest.webhooks.errors import WebhookRejected
 from sluice.ingest.webhooks.parse import normalise, sendgrid_message_id
 from sluice.ingest.webhooks.sns import string_to_sign
@@ -149,3 +153,23 @@ def test_addresses_that_need_the_full_normalisation() -> None:
     assert normalise("José@Exämple.COM") == normalize_recipient("José@Exämple.COM")
     assert normalise("Ana <Ana@Example.COM>") == "Ana@example.com"
     assert normalise("no-at-sign") is None
+
+
+def test_webhook_secrets_can_come_from_files(tmp_path: Path) -> None:
+    secret = tmp_path / "resend"
+    secret.write_text("whsec_" + base64.b64encode(KEY).decode() + "\n")
+    unsub = tmp_path / "unsub"
+    unsub.write_text("u" * 40)
+    settings = IngestSettings.from_env(
+        {
+            "SLUICE_RESEND_WEBHOOK_SECRET_FILE": str(secret),
+            "SLUICE_UNSUBSCRIBE_SECRET_FILE": str(unsub),
+        }
+    )
+    assert from_settings(settings).resend_keys == (KEY,)
+    assert settings.unsubscribe_secret == "u" * 40
+    assert "whsec_" not in repr(settings)
+    with pytest.raises(ConfigError, match="SLUICE_RESEND_WEBHOOK_SECRET"):
+        IngestSettings.from_env({"SLUICE_RESEND_WEBHOOK_SECRET": "whsec_!!"})
+    with pytest.raises(ConfigError, match="SLUICE_SES_TOPIC_ARNS"):
+        IngestSettings.from_env({"SLUICE_SES_TOPIC_ARNS": "my-topic"})
