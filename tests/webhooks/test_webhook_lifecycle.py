@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import uuid
 
@@ -188,3 +189,27 @@ async def test_unknown_outcome_held_for_reconciliation_is_settled_by_the_event(
     assert await status_of(hooks.pool, held) == "delivered"
     # a pending intent nobody sent is not "delivered" by a stray event
     assert await status_of(hooks.pool, plain) == "pending"
+
+
+@pytest.mark.parametrize(
+    "settings_overrides",
+    [{"guard_min_volume": 100, "guard_check_seconds": 0.2, "event_raw_retention_days": 1e-5}],
+)
+async def test_the_running_endpoint_trips_guards_and_clears_old_payloads_by_itself(
+    hooks: Hooks,
+) -> None:
+    intents = await sent_intents(hooks.pool, 150, provider="ses-us")
+    deliveries = [sendgrid_event("delivered", m, r) for _, r, m in intents]
+    assert await post_sendgrid(hooks, deliveries[:100]) == 200
+    assert await post_sendgrid(hooks, deliveries[100:]) == 200
+    _, recipient, message_id = intents[0]
+    assert await post_sendgrid(hooks, [sendgrid_event("spamreport", message_id, recipient)]) == 200
+    deadline = asyncio.get_running_loop().time() + 20
+    while await guards.blocked_kinds(hooks.pool) != {"ses-us": {"marketing", "digest"}}:
+        assert asyncio.get_running_loop().time() < deadline, "the guard never tripped"
+        await asyncio.sleep(0.1)
+    # payloads older than the retention (here under a second) are cleared, events stay
+    while await hooks.pool.fetchval("SELECT count(*) FROM delivery_events WHERE raw IS NOT NULL"):
+        assert asyncio.get_running_loop().time() < deadline, "raw payloads were never cleared"
+        await asyncio.sleep(0.1)
+    assert await hooks.pool.fetchval("SELECT count(*) FROM delivery_events") == 151
