@@ -88,13 +88,47 @@ def used_recordings() -> set[str]:
     return names & recorded_names()
 
 
-def need_binary(name: str) -> str:
-    """The path of a tool the test needs: in CI a missing one fails the test (CI installs
-    it, see .ci/run), elsewhere it skips with what to install."""
-    for candidate in (shutil.which(name), str(Path(sys.prefix) / "bin" / name)):
+def need_binary(name: str, install: str = "apt-get install prometheus") -> str:
+    """The path of a tool the test needs (on PATH or in this virtualenv): in CI a missing one
+    fails the test (CI installs it, see .ci/run), elsewhere it skips saying how to get it."""
+    # This virtualenv's first: a tool pinned in uv.lock beats whatever the machine has.
+    for candidate in (str(Path(sys.prefix) / "bin" / name), shutil.which(name)):
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
             return candidate
-    message = f"{name} is not installed (apt-get install prometheus; .ci/run does it)"
+    message = f"{name} is not installed ({install}; .ci/run does it)"
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+PROMETHEUS_RULE = ROOT / "deploy" / "k8s" / "components" / "monitoring" / "prometheusrule.yaml"
+_RULE_HEADER = """\
+# Generated from deploy/prometheus/rules.yml: edit that file, then run
+#   .venv/bin/python -m tests.deploy.monitoring
+# (tests/deploy/test_k8s_manifests.py fails while the two differ).
+"""
+
+
+def prometheus_rule() -> dict[str, Any]:
+    """The PrometheusRule (Prometheus Operator) carrying deploy/prometheus/rules.yml."""
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "sluice",
+            "namespace": "sluice",
+            "labels": {"app.kubernetes.io/name": "sluice", "app.kubernetes.io/part-of": "sluice"},
+        },
+        "spec": {"groups": load_yaml(RULES)["groups"]},
+    }
+
+
+def prometheus_rule_text() -> str:
+    yaml = pytest.importorskip("yaml", reason="PyYAML is needed to write the rules")
+    body: str = yaml.safe_dump(prometheus_rule(), sort_keys=False, width=100, allow_unicode=True)
+    return _RULE_HEADER + body
+
+
+if __name__ == "__main__":
+    PROMETHEUS_RULE.write_text(prometheus_rule_text(), encoding="utf-8")
+    print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")
