@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--router", default="127.0.0.1:50052", metavar="HOST:PORT")
     status.add_argument("--sender", default="127.0.0.1:50053", metavar="HOST:PORT")
     status.add_argument("--once", action="store_true", help="print one snapshot and exit")
-    status.add_argument("--interval", type=float, default=2.0, metavar="SECONDS")
+    status.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
 
     bench = sub.add_parser(
         "bench",

@@ -6,8 +6,10 @@ the router's ``GetQueueStats`` (counts by status and kind, due work, the oldest 
 ``ListProviders`` (health, success rate, cost, limits), and the sender's ``GetCapacity``
 (limiter headroom, shared by every sender through Redis). Throughput and spend are the
 change in sent counts between two refreshes, so a single snapshot (``--once``) shows totals
-only. A sender that does not answer leaves the headroom columns empty instead of failing
-the view; a router that does not answer is an error (exit 1), since nothing else is known.
+only. ``GetQueueStats`` counts the whole intents table, hence a refresh every few seconds,
+not many a second. A sender that does not answer leaves the headroom columns empty instead
+of failing the view; a router that does not answer is an error (exit 1), since nothing else
+is known.
 """
 
 from __future__ import annotations
@@ -212,6 +214,8 @@ def _headroom(tokens: float | None, rate: float, unlimited: bool) -> str:
         return "∞"
     if tokens is None:
         return "-"
+    if rate == 0:
+        return "no limit"  # only the burst window applies
     return f"{tokens:.1f} (+{rate:g}/s)"
 
 
