@@ -123,10 +123,10 @@ async def test_a_bad_setting_exits_2_with_its_name_and_no_traceback() -> None:
     assert "DATABASE_URL is not set" in err
 
 
-async def test_serve_with_the_database_down_exits_1_and_says_why() -> None:
+async def test_serve_with_the_database_down_exits_3_and_says_why() -> None:
     nobody = f"postgresql://postgres@127.0.0.1:{find_free_port()}/sluice"
     code, _, err = await sluice("serve", "ingest", DATABASE_URL=nobody)
-    assert code == 1
+    assert code == 3  # EXIT_UNAVAILABLE
     assert "cannot start" in err
     assert "unavailable" in err.lower()
     assert "Traceback" not in err

@@ -15,6 +15,7 @@ class RouterSettings(CommonSettings):
 
     service: ClassVar[str] = "router"
 
+    metrics_port: int = 9092
     router_port: int = 50052
     sender_target: str = "127.0.0.1:50053"
     router_batch_size: int = 500
