@@ -42,7 +42,11 @@ ALIASES = {
 }
 CLUSTER_SCOPED = {"Namespace"}
 # SLUICE_METRICS_PORT's default per service (the ConfigMap leaves it unset).
-METRICS_PORTS = {"ingest": 9091, "router": 9092, "sender": 9093}
+METRICS_PORTS = {
+    "ingest": IngestSettings().metrics_port,
+    "router": RouterSettings().metrics_port,
+    "sender": SenderSettings().metrics_port,
+}
 MONITORING = K8S / "components" / "monitoring"
 
 Doc = dict[str, Any]
@@ -242,8 +246,10 @@ def test_ports_are_the_settings_defaults() -> None:
     # The manifests hard-code the ports, so the ConfigMap must not move them.
     for component in COMPONENTS:
         assert f"SLUICE_{component.upper()}_PORT" not in config()
+    assert "SLUICE_METRICS_PORT" not in config()
     for component, port in PORTS.items():
         assert port == {"ingest": 50051, "router": 50052, "sender": 50053}[component]
+    assert METRICS_PORTS == {"ingest": 9091, "router": 9092, "sender": 9093}
 
 
 def test_services_reach_the_pods_and_routers_reach_senders_client_side() -> None:

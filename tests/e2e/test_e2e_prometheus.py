@@ -26,7 +26,6 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from sluice.cli.embedded import find_free_port
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 from tests.conftest import InsertTemplate
 from tests.deploy.monitoring import dashboard_exprs, used_metrics, used_recordings
@@ -103,6 +102,26 @@ def traffic(run: str) -> list[intent_pb2.IntentSubmission]:
     return items
 
 
+async def submit_wave(
+    stub: ingest_pb2_grpc.IngestServiceStub, items: list[intent_pb2.IntentSubmission]
+) -> None:
+    answer = await stub.SubmitIntents(ingest_pb2.SubmitIntentsRequest(intents=items), timeout=30)
+    rejected = [r for r in answer.results if r.HasField("error")]
+    assert len(rejected) == 2, rejected
+    assert sum(r.created for r in answer.results) == len(items) - 2
+
+
+async def wait_scraped(prom: Prometheus, targets: int) -> None:
+    """Until every target has been scraped twice (so the next increments show as a rate)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        scraped = await prom.value("count(count_over_time(up[1m]) >= 2 and on (job) up == 1)")
+        if scraped == targets:
+            return
+        assert time.monotonic() < deadline, f"{scraped} of {targets} targets scraped twice"
+        await asyncio.sleep(0.5)
+
+
 async def missing_series(prom: Prometheus, names: set[str]) -> list[str]:
     answers = await asyncio.gather(
         *(prom.query(f"count({{__name__={name!r}}})") for name in sorted(names))
@@ -128,32 +147,27 @@ async def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(
         SLUICE_MAX_ATTEMPTS="2",
         SLUICE_RETRY_BASE_SECONDS="0.2",
     ) as stack:
-        ports = {svc: find_free_port() for svc in ("ingest", "router", "sender")}
-        ingest, sender = await asyncio.gather(
-            stack.start("ingest", SLUICE_METRICS_PORT=str(ports["ingest"])),
-            stack.start("sender", SLUICE_METRICS_PORT=str(ports["sender"])),
-        )
-        await stack.start(
-            "router",
-            SLUICE_METRICS_PORT=str(ports["router"]),
-            SLUICE_SENDER_TARGET=sender.target,
-        )
-        jobs = {f"sluice-{svc}": [f"127.0.0.1:{port}"] for svc, port in ports.items()}
+        ingest, sender = await asyncio.gather(stack.start("ingest"), stack.start("sender"))
+        await stack.start("router", SLUICE_SENDER_TARGET=sender.target)
+        # Each process's metrics listener is on the free port the stack gave it.
+        jobs = {
+            f"sluice-{name}": [f"127.0.0.1:{port}"] for name, port in stack.metrics_ports.items()
+        }
         async with prometheus_server(tmp_path / "prometheus", jobs) as prom:
-            run = uuid.uuid4().hex[:8]
-            items = traffic(run)
             async with grpc.aio.insecure_channel(ingest.target) as channel:
                 stub = ingest_pb2_grpc.IngestServiceStub(channel)
-                first = await stub.SubmitIntents(
-                    ingest_pb2.SubmitIntentsRequest(intents=items), timeout=30
-                )
-                rejected = [r for r in first.results if r.HasField("error")]
-                assert len(rejected) == 2, rejected
+                # Two waves: a counter whose first increments all fall before Prometheus's
+                # first scrape shows no rate, as with any process that just started; the
+                # second wave comes after every target has been scraped.
+                first = traffic(uuid.uuid4().hex[:8])
+                await submit_wave(stub, first)
                 again = await stub.SubmitIntents(
-                    ingest_pb2.SubmitIntentsRequest(intents=items[:5]), timeout=30
+                    ingest_pb2.SubmitIntentsRequest(intents=first[:5]), timeout=30
                 )
                 assert not any(r.created for r in again.results)
-                await stub.SubmitIntent(ingest_pb2.SubmitIntentRequest(intent=items[5]), timeout=30)
+                await stub.SubmitIntent(ingest_pb2.SubmitIntentRequest(intent=first[5]), timeout=30)
+                await wait_scraped(prom, len(jobs))
+                await submit_wave(stub, traffic(uuid.uuid4().hex[:8]))
 
             deadline = time.monotonic() + WAIT_SECONDS
             while True:
@@ -170,27 +184,28 @@ async def test_prometheus_scrapes_every_metric_the_dashboard_and_rules_use(
             for target in await prom.targets():
                 assert target["health"] == "up", target
 
-            # Once the queue settles, Prometheus counts the sends the database recorded.
+            # Once the queue settles, Prometheus counts the sends and deadline misses the
+            # database recorded.
             while True:
-                sent = await pg_pool.fetchval("SELECT count(*) FROM intents WHERE status = 'sent'")
-                busy = await pg_pool.fetchval(
-                    "SELECT count(*) FROM intents WHERE status IN ('pending', 'leased')"
-                    " AND send_at < now() + interval '10 minutes'"
+                row = await pg_pool.fetchrow(
+                    "SELECT count(*) FILTER (WHERE status = 'sent') AS sent,"
+                    " count(*) FILTER (WHERE status = 'expired') AS expired,"
+                    " count(*) FILTER (WHERE status IN ('pending', 'leased')"
+                    "   AND send_at < now() + interval '10 minutes') AS busy"
+                    " FROM intents"
                 )
-                scraped = await prom.value("sum(sluice_sends_total)")
-                if busy == 0 and scraped == sent:
+                scraped = (
+                    await prom.value("sum(sluice_sends_total)"),
+                    await prom.value("sum(sluice_router_deadline_misses_total)"),
+                )
+                if row["busy"] == 0 and scraped == (row["sent"], row["expired"]):
                     break
                 assert time.monotonic() < deadline, (
-                    f"database: {sent} sent, {busy} still due; Prometheus: {scraped} sends"
+                    f"database: {dict(row)}; Prometheus: (sends, deadline misses) {scraped}"
                 )
                 await asyncio.sleep(1)
-            assert sent >= 25  # the transactional and digest mail all went out
-            assert await prom.value('sum(sluice_ingest_intents_total{outcome="rejected"})') == 2
+            assert row["sent"] >= 50  # the transactional and digest mail of both waves
+            assert row["expired"] > 0  # the slow provider could not send all marketing in time
+            assert await prom.value('sum(sluice_ingest_intents_total{outcome="rejected"})') == 4
             duplicates = await prom.value('sum(sluice_ingest_intents_total{outcome="duplicate"})')
             assert duplicates == 6
-            misses = await prom.value("sum(sluice_router_deadline_misses_total)")
-            expired = await pg_pool.fetchval(
-                "SELECT count(*) FROM intents WHERE status = 'expired'"
-            )
-            assert expired > 0
-            assert misses == expired
