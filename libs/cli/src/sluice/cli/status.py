@@ -21,12 +21,12 @@ from dataclasses import dataclass, field
 
 import grpc
 from rich import box
-from rich.console import Console, Group
+from rich.console import Console, Group, JustifyMethod
 from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
-from sluice.common.model import PROTO_TO_KIND, PROTO_TO_STATUS
+from sluice.common.model import PRIORITY, PROTO_TO_KIND, PROTO_TO_STATUS
 from sluice.v1 import router_pb2, router_pb2_grpc, sender_pb2, sender_pb2_grpc
 
 DEFAULT_ROUTER = "127.0.0.1:50052"
@@ -39,6 +39,19 @@ HEALTH = {
     router_pb2.PROVIDER_HEALTH_DEGRADED: "degraded",
     router_pb2.PROVIDER_HEALTH_DISABLED: "disabled",
 }
+_LIFECYCLE = {status: number for number, status in PROTO_TO_STATUS.items()}
+_COLUMNS: tuple[tuple[str, JustifyMethod], ...] = (
+    ("provider", "left"),
+    ("health", "left"),
+    ("success", "right"),
+    ("tokens", "right"),
+    ("burst left", "right"),
+    ("$ per 1,000", "right"),
+    ("sent", "right"),
+    ("spent $", "right"),
+    ("sent/s", "right"),
+    ("$ per hour", "right"),
+)
 HEALTH_STYLE = {"healthy": "green", "degraded": "bold red", "disabled": "dim"}
 
 
@@ -144,8 +157,9 @@ def render(snapshot: StatusSnapshot, previous: StatusSnapshot | None = None) -> 
 
 
 def _queue_table(snap: StatusSnapshot) -> Table:
-    kinds = sorted({k for _, k in snap.by_status_kind})
-    statuses = sorted({s for s, _ in snap.by_status_kind})
+    # Kinds in lease priority order, statuses in lifecycle order (the enum's).
+    kinds = sorted({k for _, k in snap.by_status_kind}, key=lambda k: PRIORITY.get(k, 99))
+    statuses = sorted({s for s, _ in snap.by_status_kind}, key=lambda s: _LIFECYCLE.get(s, 99))
     table = Table(title="queue", box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column("status")
     for kind in kinds:
@@ -163,19 +177,8 @@ def _queue_table(snap: StatusSnapshot) -> Table:
 
 def _provider_table(snap: StatusSnapshot, previous: StatusSnapshot | None) -> Table:
     table = Table(title="providers", box=box.SIMPLE_HEAD, title_justify="left")
-    for name, justify in (
-        ("provider", "left"),
-        ("health", "left"),
-        ("success", "right"),
-        ("tokens", "right"),
-        ("burst left", "right"),
-        ("$ per 1,000", "right"),
-        ("sent", "right"),
-        ("spent $", "right"),
-        ("sent/s", "right"),
-        ("$ per hour", "right"),
-    ):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for name, justify in _COLUMNS:
+        table.add_column(name, justify=justify)
     before = {p.name: p.sent for p in previous.providers} if previous else {}
     seconds = snap.taken_at - previous.taken_at if previous else 0.0
     for p in snap.providers:
