@@ -263,6 +263,7 @@ async def test_demo_summary_adds_up_and_a_rerun_submits_nothing_new(
             campaign,
             "--timeout",
             "40",
+            SLUICE_TOKEN=stack.token,
         )
         assert code == 0, out + err
         # The sandbox fails this domain permanently; ingest must let it through to show that.
@@ -284,6 +285,7 @@ async def test_demo_summary_adds_up_and_a_rerun_submits_nothing_new(
             campaign=campaign,
             wait_seconds=40,
             console=Console(file=printed, width=120),
+            token=stack.token,
         )
         assert f"0 new, {count - invalid} existing" in printed.getvalue()
 

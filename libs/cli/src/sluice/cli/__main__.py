@@ -182,6 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--count", type=_positive_int, default=20_000, help="intents per run")
     bench.add_argument("--runs", type=_positive_int, default=3, help="runs per stage")
+
+    token = sub.add_parser(
+        "token",
+        help="make a new API token and the tokens-file entry that lists its hash",
+        description=(
+            "Prints a new random token (give it to the caller; it is shown once) and the "
+            "[[tokens]] entry to add to SLUICE_AUTH_TOKENS_FILE, which holds only its SHA-256."
+        ),
+    )
+    token.add_argument("--name", required=True, help="who holds it (shows in logs, metrics)")
+    token.add_argument("--scopes", required=True, help="comma-separated: submit, read, admin, send")
     return parser
 
 
@@ -228,7 +239,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if command == "bench":
         return _run_bench(args.count, args.runs)
+    if command == "token":
+        return _make_token(args.name, args.scopes)
     raise AssertionError(f"unhandled command {command}")
+
+
+def _make_token(name: str, scopes_arg: str) -> int:
+    import tomllib
+
+    from sluice.common.auth import new_token, parse_tokens, tokens_file_text
+
+    scopes = tuple(s.strip() for s in scopes_arg.split(",") if s.strip())
+    token = new_token()
+    entry = tokens_file_text({name: scopes}, {name: token})
+    # Validated like the server validates the file, so what we print always loads.
+    parse_tokens(tomllib.loads(entry), "--scopes")
+    print(f"token (give it to {name}; it is not stored anywhere):\n  {token}\n")
+    print("add to the tokens file (SLUICE_AUTH_TOKENS_FILE):\n")
+    print(entry, end="")
+    return 0
 
 
 def _run_bench(count: int, runs: int) -> int:

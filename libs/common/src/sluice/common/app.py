@@ -3,14 +3,19 @@ interceptors, and its metrics listener."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 
+from sluice.common.auth import AuthInterceptor, TokenStore
 from sluice.common.grpcserver import GrpcListener
 from sluice.common.http import HttpListener
 from sluice.common.metrics import HealthFlag, Metrics, metrics_app
 from sluice.common.service import Service
 from sluice.common.settings import CommonSettings
 from sluice.common.telemetry import Telemetry
+from sluice.common.tls import server_credentials
+
+log = logging.getLogger("sluice.auth")
 
 
 def new_service(
@@ -31,7 +36,12 @@ def new_service(
         grpc_port,
         service_names=service_names,
         interceptors=telemetry.server_interceptors(),
+        inner_interceptors=_auth(settings, metrics),
         metrics=metrics,
+        reflection_enabled=settings.reflection,
+        credentials=server_credentials(
+            settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+        ),
     )
     service.add_listener(listener)
     if settings.metrics_port >= 0:
@@ -46,3 +56,13 @@ def new_service(
             )
         )
     return service, listener
+
+
+def _auth(settings: CommonSettings, metrics: Metrics) -> list[AuthInterceptor]:
+    if not settings.auth_tokens_file:
+        log.warning(
+            "authentication is off (SLUICE_AUTH_TOKENS_FILE is not set): anyone who reaches "
+            "this port can call every RPC"
+        )
+        return []
+    return [AuthInterceptor(TokenStore(settings.auth_tokens_file), metrics)]

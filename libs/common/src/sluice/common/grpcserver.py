@@ -248,6 +248,7 @@ class GrpcListener:
         *,
         service_names: Iterable[str],
         interceptors: Sequence[Any] = (),
+        inner_interceptors: Sequence[Any] = (),
         metrics: Metrics | None = None,
         reflection_enabled: bool = True,
         credentials: grpc.ServerCredentials | None = None,
@@ -259,10 +260,12 @@ class GrpcListener:
         self._requested_port = port
         self._port = 0
         self._credentials = credentials
-        # Tracing first (it opens the span), then whatever the service adds (auth), then
-        # the error interceptor innermost, so every error raised below it is mapped.
+        # Tracing first (it opens the span), then the error interceptor, then the inner
+        # ones (auth): their refusals are raised inside the error interceptor, so they are
+        # mapped and counted like every other error.
         self.server = grpc.aio.server(
-            interceptors=[*interceptors, ErrorInterceptor(metrics)], options=list(options)
+            interceptors=[*interceptors, ErrorInterceptor(metrics), *inner_interceptors],
+            options=list(options),
         )
         self.service_names = tuple(service_names)
         self.health = HealthServicer()

@@ -79,7 +79,11 @@ async def running(
     async with contextlib.AsyncExitStack() as stack:
         resources = await open_resources(settings, stack)
         service, servicer = build(
-            settings, resources, telemetry, metrics or Metrics("ingest"), port=port
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("ingest", enabled=settings.metrics_port >= 0),
+            port=port,
         )
         stack.push_async_callback(servicer.aclose)
         await stack.enter_async_context(service.running())

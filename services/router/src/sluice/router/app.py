@@ -12,12 +12,14 @@ import asyncpg
 import grpc
 
 from sluice.common.app import new_service
+from sluice.common.auth import client_interceptors, read_token_file
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import MAX_MESSAGE_BYTES
 from sluice.common.metrics import Metrics
 from sluice.common.providers import ProviderConfig, load_providers
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
+from sluice.common.tls import channel_credentials
 from sluice.router.dispatch import Dispatcher
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.metrics import RouterMetrics, run_sampler
@@ -66,11 +68,22 @@ async def open_resources(
         application_name="sluice-router",
     )
     stack.push_async_callback(pool.close)
-    channel = grpc.aio.insecure_channel(
-        settings.sender_target,
-        options=list(SENDER_CHANNEL_OPTIONS),
-        interceptors=telemetry.client_interceptors(),
+    token = read_token_file(settings.sender_token_file, what="SLUICE_SENDER_TOKEN_FILE")
+    interceptors = [*telemetry.client_interceptors(), *client_interceptors(token)]
+    credentials = channel_credentials(
+        settings.sender_tls_ca_file, settings.sender_tls_cert_file, settings.sender_tls_key_file
     )
+    if credentials is None:
+        channel = grpc.aio.insecure_channel(
+            settings.sender_target, options=list(SENDER_CHANNEL_OPTIONS), interceptors=interceptors
+        )
+    else:
+        channel = grpc.aio.secure_channel(
+            settings.sender_target,
+            credentials,
+            options=list(SENDER_CHANNEL_OPTIONS),
+            interceptors=interceptors,
+        )
     stack.push_async_callback(channel.close)
     # grpc ships no type hints, so the stub's overload cannot see an aio channel.
     sender = cast("SenderServiceAsyncStub", sender_pb2_grpc.SenderServiceStub(channel))
@@ -141,6 +154,12 @@ async def running(
     """Runs the router until the block exits, then stops it (bounded), closing resources."""
     async with contextlib.AsyncExitStack() as stack:
         resources = await open_resources(settings, telemetry, stack)
-        service, _ = build(settings, resources, telemetry, metrics or Metrics("router"), port=port)
+        service, _ = build(
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("router", enabled=settings.metrics_port >= 0),
+            port=port,
+        )
         await stack.enter_async_context(service.running())
         yield service

@@ -88,6 +88,12 @@ async def running(
     """Runs the sender until the block exits, then stops it (bounded) and closes resources."""
     async with contextlib.AsyncExitStack() as stack:
         resources = await open_resources(settings, stack)
-        service = build(settings, resources, telemetry, metrics or Metrics("sender"), port=port)
+        service = build(
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("sender", enabled=settings.metrics_port >= 0),
+            port=port,
+        )
         await stack.enter_async_context(service.running())
         yield service
