@@ -19,6 +19,7 @@ from sluice.cli.dev import LocalStack, local_stack
 from sluice.cli.embedded import find_free_port
 from sluice.cli.stack_settings import StackSettings
 from sluice.cli.status import take_snapshot, watch
+from sluice.common.auth import bearer
 from sluice.common.providers import DEFAULT_PROVIDERS
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 from tests.cli.test_cli import REDIS_URL, sluice
@@ -30,7 +31,9 @@ async def submit(stack: LocalStack, campaign: str, count: int) -> None:
     async with grpc.aio.insecure_channel(stack.ingest) as channel:
         stub = ingest_pb2_grpc.IngestServiceStub(channel)
         await stub.SubmitIntents(
-            ingest_pb2.SubmitIntentsRequest(intents=campaign_items(campaign, count)), timeout=30
+            ingest_pb2.SubmitIntentsRequest(intents=campaign_items(campaign, count)),
+            timeout=30,
+            metadata=bearer(stack.token),
         )
 
 
@@ -70,9 +73,16 @@ async def test_once_prints_the_queue_providers_headroom_and_cost(
         await submit(stack, f"status-{uuid.uuid4().hex[:8]}", 40)
         counts = await settle(pg_dsn)
         code, out, err = await sluice(
-            "status", "--once", "--router", stack.router, "--sender", stack.sender, wait=60
+            "status",
+            "--once",
+            "--router",
+            stack.router,
+            "--sender",
+            stack.sender,
+            wait=60,
+            SLUICE_TOKEN=stack.token,
         )
-        snapshot = await take_snapshot(stack.router, stack.sender)
+        snapshot = await take_snapshot(stack.router, stack.sender, token=stack.token)
     assert code == 0, out + err
     assert counts["sent"] >= 30
     # The queue: one row per status, with the database's numbers.
@@ -99,10 +109,20 @@ async def test_a_missing_sender_is_shown_and_a_missing_router_fails(
         settings(pg_dsn, redis_prefix), state_dir=tmp_path, any_ports=True
     ) as stack:
         code, out, err = await sluice(
-            "status", "--once", "--router", stack.router, "--sender", nowhere
+            "status",
+            "--once",
+            "--router",
+            stack.router,
+            "--sender",
+            nowhere,
+            SLUICE_TOKEN=stack.token,
         )
-    assert code == 0, out + err
-    assert f"sender {nowhere}: UNAVAILABLE" in out
+        assert code == 0, out + err
+        assert f"sender {nowhere}: UNAVAILABLE" in out
+        # Without the token the router refuses, and the command says so.
+        code, out, err = await sluice("status", "--once", "--router", stack.router)
+        assert code == 1, out + err
+        assert f"router {stack.router} did not answer: UNAUTHENTICATED" in err
     code, out, err = await sluice("status", "--once", "--router", nowhere, "--sender", nowhere)
     assert code == 1
     assert f"sluice status: router {nowhere} did not answer: UNAVAILABLE" in err
@@ -118,7 +138,9 @@ async def test_live_view_redraws_in_place_with_throughput(
         settings(pg_dsn, redis_prefix), state_dir=tmp_path, any_ports=True
     ) as stack:
         await submit(stack, f"live-{uuid.uuid4().hex[:8]}", 60)
-        code = await watch(stack.router, stack.sender, interval=1.0, console=console, rounds=3)
+        code = await watch(
+            stack.router, stack.sender, interval=1.0, console=console, token=stack.token, rounds=3
+        )
     assert code == 0
     text = screen.getvalue()
     # Redrawn in place: the cursor moves back up over the previous frame.

@@ -164,7 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser(
         "status",
         help="the queue, providers (health, limiter headroom, cost) and throughput, live",
-        description="Redraws a running stack's queue and providers in place until Ctrl-C.",
+        description=(
+            "Redraws a running stack's queue and providers in place until Ctrl-C. Sends the "
+            "token in SLUICE_TOKEN (scope read), as 'sluice demo' does."
+        ),
     )
     status.add_argument("--router", default="127.0.0.1:50052", metavar="HOST:PORT")
     status.add_argument("--sender", default="127.0.0.1:50053", metavar="HOST:PORT")

@@ -15,6 +15,7 @@ is known.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from rich.live import Live
 from rich.markup import escape
 from rich.table import Table
 
+from sluice.cli.demo import TOKEN_VARIABLE
+from sluice.common.auth import client_interceptors
 from sluice.common.model import PRIORITY, PROTO_TO_KIND, PROTO_TO_STATUS
 from sluice.v1 import router_pb2, router_pb2_grpc, sender_pb2, sender_pb2_grpc
 
@@ -94,10 +97,12 @@ class StatusSnapshot:
 
 
 async def take_snapshot(
-    router: str, sender: str, *, rpc_seconds: float = RPC_TIMEOUT
+    router: str, sender: str, *, token: str = "", rpc_seconds: float = RPC_TIMEOUT
 ) -> StatusSnapshot:
-    """Asks the router and the sender; raises grpc.aio.AioRpcError if the router fails."""
-    async with grpc.aio.insecure_channel(router) as channel:
+    """Asks the router and the sender, with ``token`` (scope read; "" for a stack without
+    auth); raises grpc.aio.AioRpcError if the router fails."""
+    auth = client_interceptors(token)
+    async with grpc.aio.insecure_channel(router, interceptors=auth) as channel:
         stub = router_pb2_grpc.RouterServiceStub(channel)
         stats, listed = await asyncio.gather(
             stub.GetQueueStats(router_pb2.GetQueueStatsRequest(), timeout=rpc_seconds),
@@ -125,7 +130,7 @@ async def take_snapshot(
     ]
     problems = []
     try:
-        capacity = await _capacity(sender, rpc_seconds)
+        capacity = await _capacity(sender, token, rpc_seconds)
     except grpc.aio.AioRpcError as exc:
         problems.append(f"sender {sender}: {exc.code().name}: {exc.details()}")
     else:
@@ -143,8 +148,12 @@ async def take_snapshot(
     )
 
 
-async def _capacity(sender: str, rpc_seconds: float) -> dict[str, sender_pb2.ProviderCapacity]:
-    async with grpc.aio.insecure_channel(sender) as channel:
+async def _capacity(
+    sender: str, token: str, rpc_seconds: float
+) -> dict[str, sender_pb2.ProviderCapacity]:
+    async with grpc.aio.insecure_channel(
+        sender, interceptors=client_interceptors(token)
+    ) as channel:
         answer = await sender_pb2_grpc.SenderServiceStub(channel).GetCapacity(
             sender_pb2.GetCapacityRequest(), timeout=rpc_seconds
         )
@@ -231,7 +240,13 @@ def _duration(seconds: float) -> str:
 
 
 async def watch(
-    router: str, sender: str, *, interval: float, console: Console, rounds: int | None = None
+    router: str,
+    sender: str,
+    *,
+    interval: float,
+    console: Console,
+    token: str = "",
+    rounds: int | None = None,
 ) -> int:
     """Redraws the view in place every ``interval`` seconds until interrupted (or for
     ``rounds`` refreshes); a router that stops answering is shown, not fatal."""
@@ -240,7 +255,7 @@ async def watch(
         done = 0
         while rounds is None or done < rounds:
             try:
-                snapshot = await take_snapshot(router, sender)
+                snapshot = await take_snapshot(router, sender, token=token)
             except grpc.aio.AioRpcError as exc:
                 live.update(f"[red]router {escape(router)}: {exc.code().name}[/]", refresh=True)
             else:
@@ -253,17 +268,19 @@ async def watch(
 
 def run_status(*, router: str, sender: str, once: bool, interval: float) -> int:
     """``sluice status``: one snapshot printed with ``once``, else the live view until
-    Ctrl-C. Exit 0, or 1 when the router does not answer (for a snapshot)."""
+    Ctrl-C, with the token in ``SLUICE_TOKEN`` (as ``sluice demo``). Exit 0, or 1 when the
+    router does not answer (for a snapshot)."""
+    token = os.environ.get(TOKEN_VARIABLE, "")
     console = Console()
     if not console.is_terminal:
         # Piped or logged: rich would assume 80 columns and cut the providers table.
         console = Console(width=WIDE)
     try:
         if once:
-            snapshot = asyncio.run(take_snapshot(router, sender))
+            snapshot = asyncio.run(take_snapshot(router, sender, token=token))
             console.print(render(snapshot), highlight=False)
             return 0
-        return asyncio.run(watch(router, sender, interval=interval, console=console))
+        return asyncio.run(watch(router, sender, interval=interval, console=console, token=token))
     except grpc.aio.AioRpcError as exc:
         Console(stderr=True).print(
             f"sluice status: router {escape(router)} did not answer: {exc.code().name}: "
