@@ -9,8 +9,10 @@ from sluice.common.grpcserver import ServerHandle, build_server
 from sluice.common.providers import load_providers
 from sluice.common.redis import create_redis
 from sluice.common.telemetry import Telemetry
+from sluice.sender.checks import MessageChecks
 from sluice.sender.providers import build_provider
 from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.render_pool import RenderPool, render_budget
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -32,8 +34,16 @@ async def running(
             adapter = build_provider(config, redis=redis, prefix=settings.redis_prefix)
             stack.push_async_callback(adapter.aclose)
             adapters[config.name] = adapter
+        render_pool = RenderPool(settings.render_workers, render_budget(settings))
+        stack.push_async_callback(render_pool.aclose)
+        await render_pool.start()
         servicer = SenderServicer(
-            providers, adapters, RateLimiter(redis, settings.redis_prefix), telemetry
+            providers,
+            adapters,
+            RateLimiter(redis, settings.redis_prefix),
+            telemetry,
+            render_pool=render_pool,
+            checks=MessageChecks(settings.from_domains()),
         )
         handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
         sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, handle.server)

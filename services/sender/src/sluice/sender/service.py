@@ -2,7 +2,9 @@
 
 Every message of a ``SendBatch`` gets exactly one result, in request order. What the rate
 limits do not allow now comes back THROTTLED with a retry-after; it is never an error and
-never dropped.
+never dropped. Rendering runs in worker processes under budgets (``render_pool``), and every
+message is checked (``checks``) right before it would be handed to the provider: a message
+that fails either is a permanent failure and is never sent.
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ from sluice.common.grpcserver import duration_from_seconds
 from sluice.common.logging import redact_email
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
+from sluice.sender.checks import MessageChecks
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
 from sluice.sender.ratelimit import RateLimiter
-from sluice.sender.render import RenderError, Template, render
+from sluice.sender.render import RenderError, Template
+from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 
 log = logging.getLogger("sluice.sender")
@@ -44,11 +48,16 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         adapters: Mapping[str, EmailProvider],
         limiter: RateLimiter,
         telemetry: Telemetry,
+        *,
+        render_pool: RenderPool,
+        checks: MessageChecks | None = None,
     ) -> None:
         self._providers = providers
         self._adapters = adapters
         self._limiter = limiter
         self._telemetry = telemetry
+        self._render_pool = render_pool
+        self._checks = checks or MessageChecks()
 
     def _provider(self, name: str) -> ProviderConfig:
         if not name:
@@ -96,31 +105,34 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             )
 
         outbound: list[tuple[int, OutboundEmail]] = []
-        for i in range(grant.granted):
+        rendered = await self._render_pool.render(
+            template, [messages[i].variables for i in range(grant.granted)]
+        )
+        for i, out in enumerate(rendered):
             msg = messages[i]
-            try:
-                rendered = render(template, msg.variables)
-            except RenderError as exc:
-                results[i] = sender_pb2.SendResult(
-                    intent_id=msg.intent_id,
-                    outcome=sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
-                    reason=f"render: {exc}",
-                )
+            if isinstance(out, RenderError):
+                results[i] = _permanent(msg.intent_id, f"render: {out}")
                 continue
-            outbound.append(
-                (
-                    i,
-                    OutboundEmail(
-                        intent_id=msg.intent_id,
-                        recipient=msg.recipient,
-                        from_address=template.from_address,
-                        subject=rendered.subject,
-                        html=rendered.html,
-                        text=rendered.text,
-                        idempotency_key=msg.idempotency_key,
-                    ),
-                )
+            email = OutboundEmail(
+                intent_id=msg.intent_id,
+                recipient=msg.recipient,
+                from_address=template.from_address,
+                subject=out.subject,
+                html=out.html,
+                text=out.text,
+                idempotency_key=msg.idempotency_key,
             )
+            refusal = self._checks.refusal(
+                intent_id=email.intent_id,
+                idempotency_key=email.idempotency_key,
+                recipient=email.recipient,
+                from_address=email.from_address,
+                subject=email.subject,
+            )
+            if refusal is not None:
+                results[i] = _permanent(msg.intent_id, f"refused: {refusal}")
+                continue
+            outbound.append((i, email))
 
         adapter = self._adapters[config.name]
         chunks = [
@@ -215,3 +227,9 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 )
             )
         return sender_pb2.GetCapacityResponse(providers=out)
+
+
+def _permanent(intent_id: str, reason: str) -> sender_pb2.SendResult:
+    return sender_pb2.SendResult(
+        intent_id=intent_id, outcome=sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE, reason=reason
+    )
