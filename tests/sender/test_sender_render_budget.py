@@ -37,7 +37,8 @@ HOSTILE = {
     "literal": "{{ 'a' * 10**8 }}",
     "variable": "{{ name * 100000000 }}",
     "padding": "{{ name|center(10**9) }}",
-    "printing": "{% for i in range(100000) %}{% for j in range(100000) %}xx{% endfor %}{% endfor %}",
+    "printing": "{% for i in range(100000) %}{% for j in range(100000) %}xx"
+    "{% endfor %}{% endfor %}",
 }
 
 
@@ -135,7 +136,7 @@ async def test_hostile_templates_fail_fast_and_stall_nothing(channel: grpc.aio.C
     assert max(ordinary_latencies) < 3, ordinary_latencies
     assert health_latencies, "health was never answered"
     assert max(health_latencies) < 1.5, max(health_latencies)
-    # 10 × 100 MB bodies rendered in this process would have shown here.
+    # 10 x 100 MB bodies rendered in this process would have shown here.
     maxrss_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     assert maxrss_after - maxrss_before < 100 * 1024, (maxrss_before, maxrss_after)
 
