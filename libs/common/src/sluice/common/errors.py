@@ -10,6 +10,7 @@
     ├── FailedPrecondition           FAILED_PRECONDITION
     ├── ResourceExhausted            RESOURCE_EXHAUSTED + google.rpc.RetryInfo
     └── Unavailable                  UNAVAILABLE (a dependency is down; safe to retry)
+                                     + google.rpc.RetryInfo when it says when
 
 Third-party exceptions are wrapped once, where the third party is called, with
 ``raise ... from exc``. The server interceptor in :mod:`sluice.common.grpcserver` turns
@@ -95,7 +96,14 @@ class ResourceExhausted(SluiceError):
 
 
 class Unavailable(SluiceError):
-    """A dependency (database, Redis, another service) is down; safe to retry."""
+    """A dependency (database, Redis, another service) is down; safe to retry, after
+    ``retry_after`` seconds when that is set (sent as ``google.rpc.RetryInfo``)."""
 
     code = grpc.StatusCode.UNAVAILABLE
     reason = "UNAVAILABLE"
+
+    def __init__(
+        self, message: str, *, retry_after: float = 0.0, metadata: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message, metadata=metadata)
+        self.retry_after = retry_after

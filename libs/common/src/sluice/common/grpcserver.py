@@ -28,6 +28,7 @@ from sluice.common.errors import (
     InvalidArgument,
     ResourceExhausted,
     SluiceError,
+    Unavailable,
 )
 from sluice.common.logging import bind_request_id, reset_request_id
 from sluice.common.telemetry import Telemetry
@@ -59,7 +60,7 @@ def error_status(exc: SluiceError) -> status_pb2.Status:
         for field, description in exc.field_violations:
             bad.field_violations.add(field=field, description=description)
         status.details.add().Pack(bad)
-    if isinstance(exc, ResourceExhausted):
+    if isinstance(exc, ResourceExhausted) or (isinstance(exc, Unavailable) and exc.retry_after):
         retry = error_details_pb2.RetryInfo()
         retry.retry_delay.CopyFrom(duration_from_seconds(exc.retry_after))
         status.details.add().Pack(retry)

@@ -23,7 +23,7 @@ from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
 from sluice.sender.checks import MessageChecks
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
-from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.ratelimit import RateLimiter, jittered
 from sluice.sender.render import RenderError, Template
 from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -95,13 +95,15 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             variables=tuple(request.template.variables),
             from_address=request.template.from_address,
         )
+        # Raises Unavailable (with a retry-after) when Redis is down: nothing is sent then.
         grant = await self._limiter.acquire(config, len(messages))
         results: list[sender_pb2.SendResult | None] = [None] * len(messages)
+        retry_after = duration_from_seconds(jittered(grant.retry_after))
         for i in range(grant.granted, len(messages)):
             results[i] = sender_pb2.SendResult(
                 intent_id=messages[i].intent_id,
                 outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
-                retry_after=duration_from_seconds(grant.retry_after),
+                retry_after=retry_after,
             )
 
         outbound: list[tuple[int, OutboundEmail]] = []
@@ -224,6 +226,15 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                     burst_available=cap.burst_available,
                     burst=cap.burst,
                     unlimited=cap.unlimited,
+                    request_tokens=cap.request_tokens,
+                    requests_per_second=cap.requests_per_second,
+                    request_burst_available=cap.request_burst_available,
+                    request_burst=cap.request_burst,
+                    daily_quota=cap.daily_quota,
+                    daily_used=cap.daily_used,
+                    adaptive_factor=cap.factor,
+                    paused_for=duration_from_seconds(cap.paused_for),
+                    published_requests_per_second=cap.published_rps,
                 )
             )
         return sender_pb2.GetCapacityResponse(providers=out)
