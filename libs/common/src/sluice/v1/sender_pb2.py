@@ -25,35 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/sender.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\"\x8e\x01\n\x0fTemplateContent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\thtml_body\x18\x04 \x01(\t\x12\x11\n\ttext_body\x18\x05 \x01(\t\x12\x11\n\tvariables\x18\x06 \x03(\t\x12\x14\n\x0c\x66rom_address\x18\x07 \x01(\t\"\xd5\x01\n\x0fOutboundMessage\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12<\n\tvariables\x18\x03 \x03(\x0b\x32).sluice.v1.OutboundMessage.VariablesEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x10SendBatchRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12,\n\x08template\x18\x02 \x01(\x0b\x32\x1a.sluice.v1.TemplateContent\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.sluice.v1.OutboundMessage\"\xa5\x01\n\nSendResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.sluice.v1.SendOutcome\x12\x1b\n\x13provider_message_id\x18\x03 \x01(\t\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\";\n\x11SendBatchResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.sluice.v1.SendResult\"&\n\x12GetCapacityRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"\x96\x03\n\x10ProviderCapacity\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x18\n\x10sustained_tokens\x18\x02 \x01(\x01\x12\x16\n\x0esustained_rate\x18\x03 \x01(\x01\x12\x17\n\x0f\x62urst_available\x18\x04 \x01(\x05\x12\r\n\x05\x62urst\x18\x05 \x01(\x05\x12\x11\n\tunlimited\x18\x06 \x01(\x08\x12\x16\n\x0erequest_tokens\x18\x07 \x01(\x01\x12\x1b\n\x13requests_per_second\x18\x08 \x01(\x01\x12\x1f\n\x17request_burst_available\x18\t \x01(\x05\x12\x15\n\rrequest_burst\x18\n \x01(\x05\x12\x13\n\x0b\x64\x61ily_quota\x18\x0b \x01(\x03\x12\x12\n\ndaily_used\x18\x0c \x01(\x03\x12\x17\n\x0f\x61\x64\x61ptive_factor\x18\r \x01(\x01\x12-\n\npaused_for\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x1dpublished_requests_per_second\x18\x0f \x01(\x01\"E\n\x13GetCapacityResponse\x12.\n\tproviders\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.ProviderCapacity*\xd1\x01\n\x0bSendOutcome\x12\x1c\n\x18SEND_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15SEND_OUTCOME_ACCEPTED\x10\x01\x12\x1a\n\x16SEND_OUTCOME_THROTTLED\x10\x02\x12\"\n\x1eSEND_OUTCOME_TRANSIENT_FAILURE\x10\x03\x12\"\n\x1eSEND_OUTCOME_PERMANENT_FAILURE\x10\x04\x12%\n!SEND_OUTCOME_PROVIDER_UNAVAILABLE\x10\x05\x32\xa5\x01\n\rSenderService\x12\x46\n\tSendBatch\x12\x1b.sluice.v1.SendBatchRequest\x1a\x1c.sluice.v1.SendBatchResponse\x12L\n\x0bGetCapacity\x12\x1d.sluice.v1.GetCapacityRequest\x1a\x1e.sluice.v1.GetCapacityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/sender.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\"\x8a\x02\n\x0fTemplateContent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x0f\n\x07subject\x18\x03 \x01(\t\x12\x11\n\thtml_body\x18\x04 \x01(\t\x12\x11\n\ttext_body\x18\x05 \x01(\t\x12\x11\n\tvariables\x18\x06 \x03(\t\x12\x14\n\x0c\x66rom_address\x18\x07 \x01(\t\x12\x10\n\x08reply_to\x18\x08 \x01(\t\x12\x38\n\x07headers\x18\t \x03(\x0b\x32\'.sluice.v1.TemplateContent.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x03\n\x0fOutboundMessage\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x11\n\trecipient\x18\x02 \x01(\t\x12<\n\tvariables\x18\x03 \x03(\x0b\x32).sluice.v1.OutboundMessage.VariablesEntry\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x10\n\x08reply_to\x18\x06 \x01(\t\x12\x38\n\x07headers\x18\x07 \x03(\x0b\x32\'.sluice.v1.OutboundMessage.HeadersEntry\x12\x32\n\x04tags\x18\x08 \x03(\x0b\x32$.sluice.v1.OutboundMessage.TagsEntry\x12\x1c\n\x14list_unsubscribe_url\x18\t \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x80\x01\n\x10SendBatchRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12,\n\x08template\x18\x02 \x01(\x0b\x32\x1a.sluice.v1.TemplateContent\x12,\n\x08messages\x18\x03 \x03(\x0b\x32\x1a.sluice.v1.OutboundMessage\"\xa5\x01\n\nSendResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\'\n\x07outcome\x18\x02 \x01(\x0e\x32\x16.sluice.v1.SendOutcome\x12\x1b\n\x13provider_message_id\x18\x03 \x01(\t\x12.\n\x0bretry_after\x18\x04 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x0e\n\x06reason\x18\x05 \x01(\t\";\n\x11SendBatchResponse\x12&\n\x07results\x18\x01 \x03(\x0b\x32\x15.sluice.v1.SendResult\"&\n\x12GetCapacityRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\"\x96\x03\n\x10ProviderCapacity\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x18\n\x10sustained_tokens\x18\x02 \x01(\x01\x12\x16\n\x0esustained_rate\x18\x03 \x01(\x01\x12\x17\n\x0f\x62urst_available\x18\x04 \x01(\x05\x12\r\n\x05\x62urst\x18\x05 \x01(\x05\x12\x11\n\tunlimited\x18\x06 \x01(\x08\x12\x16\n\x0erequest_tokens\x18\x07 \x01(\x01\x12\x1b\n\x13requests_per_second\x18\x08 \x01(\x01\x12\x1f\n\x17request_burst_available\x18\t \x01(\x05\x12\x15\n\rrequest_burst\x18\n \x01(\x05\x12\x13\n\x0b\x64\x61ily_quota\x18\x0b \x01(\x03\x12\x12\n\ndaily_used\x18\x0c \x01(\x03\x12\x17\n\x0f\x61\x64\x61ptive_factor\x18\r \x01(\x01\x12-\n\npaused_for\x18\x0e \x01(\x0b\x32\x19.google.protobuf.Duration\x12%\n\x1dpublished_requests_per_second\x18\x0f \x01(\x01\"E\n\x13GetCapacityResponse\x12.\n\tproviders\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.ProviderCapacity*\xeb\x01\n\x0bSendOutcome\x12\x1c\n\x18SEND_OUTCOME_UNSPECIFIED\x10\x00\x12\x19\n\x15SEND_OUTCOME_ACCEPTED\x10\x01\x12\x1a\n\x16SEND_OUTCOME_THROTTLED\x10\x02\x12\"\n\x1eSEND_OUTCOME_TRANSIENT_FAILURE\x10\x03\x12\"\n\x1eSEND_OUTCOME_PERMANENT_FAILURE\x10\x04\x12%\n!SEND_OUTCOME_PROVIDER_UNAVAILABLE\x10\x05\x12\x18\n\x14SEND_OUTCOME_UNKNOWN\x10\x06\x32\xa5\x01\n\rSenderService\x12\x46\n\tSendBatch\x12\x1b.sluice.v1.SendBatchRequest\x1a\x1c.sluice.v1.SendBatchResponse\x12L\n\x0bGetCapacity\x12\x1d.sluice.v1.GetCapacityRequest\x1a\x1e.sluice.v1.GetCapacityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.sender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TEMPLATECONTENT_HEADERSENTRY']._loaded_options = None
+  _globals['_TEMPLATECONTENT_HEADERSENTRY']._serialized_options = b'8\001'
   _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._loaded_options = None
   _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._serialized_options = b'8\001'
-  _globals['_SENDOUTCOME']._serialized_start=1311
-  _globals['_SENDOUTCOME']._serialized_end=1520
+  _globals['_OUTBOUNDMESSAGE_HEADERSENTRY']._loaded_options = None
+  _globals['_OUTBOUNDMESSAGE_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_OUTBOUNDMESSAGE_TAGSENTRY']._loaded_options = None
+  _globals['_OUTBOUNDMESSAGE_TAGSENTRY']._serialized_options = b'8\001'
+  _globals['_SENDOUTCOME']._serialized_start=1686
+  _globals['_SENDOUTCOME']._serialized_end=1921
   _globals['_TEMPLATECONTENT']._serialized_start=70
-  _globals['_TEMPLATECONTENT']._serialized_end=212
-  _globals['_OUTBOUNDMESSAGE']._serialized_start=215
-  _globals['_OUTBOUNDMESSAGE']._serialized_end=428
-  _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._serialized_start=380
-  _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._serialized_end=428
-  _globals['_SENDBATCHREQUEST']._serialized_start=431
-  _globals['_SENDBATCHREQUEST']._serialized_end=559
-  _globals['_SENDRESULT']._serialized_start=562
-  _globals['_SENDRESULT']._serialized_end=727
-  _globals['_SENDBATCHRESPONSE']._serialized_start=729
-  _globals['_SENDBATCHRESPONSE']._serialized_end=788
-  _globals['_GETCAPACITYREQUEST']._serialized_start=790
-  _globals['_GETCAPACITYREQUEST']._serialized_end=828
-  _globals['_PROVIDERCAPACITY']._serialized_start=831
-  _globals['_PROVIDERCAPACITY']._serialized_end=1237
-  _globals['_GETCAPACITYRESPONSE']._serialized_start=1239
-  _globals['_GETCAPACITYRESPONSE']._serialized_end=1308
-  _globals['_SENDERSERVICE']._serialized_start=1523
-  _globals['_SENDERSERVICE']._serialized_end=1688
+  _globals['_TEMPLATECONTENT']._serialized_end=336
+  _globals['_TEMPLATECONTENT_HEADERSENTRY']._serialized_start=290
+  _globals['_TEMPLATECONTENT_HEADERSENTRY']._serialized_end=336
+  _globals['_OUTBOUNDMESSAGE']._serialized_start=339
+  _globals['_OUTBOUNDMESSAGE']._serialized_end=803
+  _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._serialized_start=662
+  _globals['_OUTBOUNDMESSAGE_VARIABLESENTRY']._serialized_end=710
+  _globals['_OUTBOUNDMESSAGE_HEADERSENTRY']._serialized_start=290
+  _globals['_OUTBOUNDMESSAGE_HEADERSENTRY']._serialized_end=336
+  _globals['_OUTBOUNDMESSAGE_TAGSENTRY']._serialized_start=760
+  _globals['_OUTBOUNDMESSAGE_TAGSENTRY']._serialized_end=803
+  _globals['_SENDBATCHREQUEST']._serialized_start=806
+  _globals['_SENDBATCHREQUEST']._serialized_end=934
+  _globals['_SENDRESULT']._serialized_start=937
+  _globals['_SENDRESULT']._serialized_end=1102
+  _globals['_SENDBATCHRESPONSE']._serialized_start=1104
+  _globals['_SENDBATCHRESPONSE']._serialized_end=1163
+  _globals['_GETCAPACITYREQUEST']._serialized_start=1165
+  _globals['_GETCAPACITYREQUEST']._serialized_end=1203
+  _globals['_PROVIDERCAPACITY']._serialized_start=1206
+  _globals['_PROVIDERCAPACITY']._serialized_end=1612
+  _globals['_GETCAPACITYRESPONSE']._serialized_start=1614
+  _globals['_GETCAPACITYRESPONSE']._serialized_end=1683
+  _globals['_SENDERSERVICE']._serialized_start=1924
+  _globals['_SENDERSERVICE']._serialized_end=2089
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,7 @@ from sluice.common.providers import load_providers
 from sluice.common.redis import create_redis
 from sluice.common.telemetry import Telemetry
 from sluice.sender.checks import MessageChecks
-from sluice.sender.providers import build_provider
+from sluice.sender.providers import build_adapters
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.render_pool import RenderPool, render_budget
 from sluice.sender.service import SenderServicer
@@ -29,11 +29,9 @@ async def running(
     async with contextlib.AsyncExitStack() as stack:
         redis = await create_redis(settings.require_redis())
         stack.push_async_callback(redis.aclose)
-        adapters = {}
-        for config in providers.values():
-            adapter = build_provider(config, redis=redis, prefix=settings.redis_prefix)
-            stack.push_async_callback(adapter.aclose)
-            adapters[config.name] = adapter
+        adapters = await build_adapters(
+            providers.values(), stack, redis=redis, prefix=settings.redis_prefix
+        )
         render_pool = RenderPool(settings.render_workers, render_budget(settings))
         stack.push_async_callback(render_pool.aclose)
         await render_pool.start()

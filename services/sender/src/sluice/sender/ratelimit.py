@@ -72,9 +72,9 @@ class Limits:
         return cls(
             rate=float(config.sustained_rate),
             burst=config.burst,
-            requests_per_second=float(getattr(config, "requests_per_second", 0.0)),
-            request_burst=int(getattr(config, "request_burst", 0)),
-            daily_quota=int(getattr(config, "daily_quota", 0)),
+            requests_per_second=config.requests_per_second,
+            request_burst=config.request_burst,
+            daily_quota=config.daily_quota,
             per_request=max(1, config.max_batch_size),
         )
 

@@ -9,7 +9,6 @@ that fails either is a permanent failure and is never sent.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from collections.abc import Iterator, Mapping, Sequence
@@ -35,6 +34,8 @@ _OUTCOMES = {
     "transient": sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE,
     "permanent": sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
     "unavailable": sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE,
+    "throttled": sender_pb2.SEND_OUTCOME_THROTTLED,
+    "unknown": sender_pb2.SEND_OUTCOME_UNKNOWN,
 }
 MAX_MESSAGES = 5000
 
@@ -123,6 +124,10 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 html=out.html,
                 text=out.text,
                 idempotency_key=msg.idempotency_key,
+                reply_to=msg.reply_to or request.template.reply_to,
+                headers=tuple({**request.template.headers, **msg.headers}.items()),
+                tags=tuple(msg.tags.items()),
+                list_unsubscribe_url=msg.list_unsubscribe_url,
             )
             refusal = self._checks.refusal(
                 intent_id=email.intent_id,
@@ -130,52 +135,60 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 recipient=email.recipient,
                 from_address=email.from_address,
                 subject=email.subject,
+                reply_to=email.reply_to,
+                headers=email.all_headers(),
+                tags=email.all_tags(),
             )
             if refusal is not None:
                 results[i] = _permanent(msg.intent_id, f"refused: {refusal}")
                 continue
             outbound.append((i, email))
 
+        # The adapter splits into its provider's batch shape itself (see providers.base).
         adapter = self._adapters[config.name]
-        chunks = [
-            outbound[start : start + config.max_batch_size]
-            for start in range(0, len(outbound), config.max_batch_size)
-        ]
         with self._spans(config.name, [messages[i] for i, _ in outbound]):
-            sent = await asyncio.gather(*(self._send_chunk(adapter, chunk) for chunk in chunks))
-        for chunk, chunk_results in zip(chunks, sent, strict=True):
-            for (i, email), result in zip(chunk, chunk_results, strict=True):
-                results[i] = sender_pb2.SendResult(
-                    intent_id=email.intent_id,
-                    outcome=_OUTCOMES[result.outcome],
-                    provider_message_id=result.provider_message_id,
-                    reason=result.reason,
-                    retry_after=duration_from_seconds(result.retry_after)
-                    if result.retry_after
-                    else None,
+            sent = await self._send(adapter, [email for _, email in outbound])
+        for (i, email), result in zip(outbound, sent, strict=True):
+            results[i] = sender_pb2.SendResult(
+                intent_id=email.intent_id,
+                outcome=_OUTCOMES[result.outcome],
+                provider_message_id=result.provider_message_id,
+                reason=result.reason,
+                retry_after=duration_from_seconds(result.retry_after)
+                if result.retry_after
+                else None,
+            )
+            if result.outcome == "permanent":
+                log.info(
+                    "permanent failure",
+                    extra={
+                        "provider": config.name,
+                        "intent_id": email.intent_id,
+                        "recipient": redact_email(email.recipient),
+                        "reason": result.reason,
+                    },
                 )
-                if result.outcome == "permanent":
-                    log.info(
-                        "permanent failure",
-                        extra={
-                            "provider": config.name,
-                            "intent_id": email.intent_id,
-                            "recipient": redact_email(email.recipient),
-                            "reason": result.reason,
-                        },
-                    )
+        throttled = [r.retry_after for r in sent if r.outcome == "throttled"]
+        if throttled:
+            # The provider refused what the limiter granted: slow every replica down. Never
+            # fail the call for it: the other messages were sent and must be answered.
+            try:
+                await self._limiter.report_throttled(config, retry_after=max(throttled))
+            except Unavailable as exc:
+                log.warning("could not report a throttle", extra={"error": str(exc)})
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         return sender_pb2.SendBatchResponse(results=done)
 
-    async def _send_chunk(
-        self, adapter: EmailProvider, chunk: Sequence[tuple[int, OutboundEmail]]
+    async def _send(
+        self, adapter: EmailProvider, emails: Sequence[OutboundEmail]
     ) -> list[ProviderResult]:
-        emails = [email for _, email in chunk]
+        if not emails:
+            return []
         try:
             results = await adapter.send_batch(emails)
         except Unavailable as exc:
-            # Nothing in this chunk was handed to the provider (see the adapter contract).
+            # Nothing was handed to the provider (see the adapter contract).
             log.warning(
                 "provider unavailable",
                 extra={"provider": adapter.name, "messages": len(emails), "error": str(exc)},

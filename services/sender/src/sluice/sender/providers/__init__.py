@@ -1,27 +1,85 @@
-"""Email provider adapters, and the factory that builds one from its configuration."""
+"""Email provider adapters, and the one registry from provider kind to factory.
+
+A factory opens exactly the client its adapter needs (an ``httpx.AsyncClient``, an
+aioboto3 SES client, an SMTP pool) on the exit stack it is given, so the wiring closes
+them in order; tests build adapters directly with clients pointed at local stand-ins.
+"""
 
 from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
+from sluice.sender.providers import resend, sendgrid, smtp
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
 __all__ = [
+    "FACTORIES",
+    "AdapterResources",
     "EmailProvider",
     "OutboundEmail",
     "Outcome",
     "ProviderResult",
     "SandboxLedger",
     "SandboxProvider",
-    "build_provider",
+    "build_adapters",
 ]
 
 
-def build_provider(config: ProviderConfig, *, redis: aioredis.Redis, prefix: str) -> EmailProvider:
-    """The adapter for ``config.kind``; raises ``ConfigError`` for kinds not built yet."""
-    if config.kind == "sandbox":
-        return SandboxProvider(config, redis, prefix)
-    raise ConfigError(f"provider {config.name!r}: kind {config.kind!r} has no adapter yet")
+@dataclass(frozen=True)
+class AdapterResources:
+    """What factories may use besides their own config: the sandbox's Redis ledger, and
+    the environment ``*_env`` secrets are read from."""
+
+    redis: aioredis.Redis
+    prefix: str
+    environ: Mapping[str, str]
+
+
+Factory = Callable[
+    [ProviderConfig, contextlib.AsyncExitStack, AdapterResources], Awaitable[EmailProvider]
+]
+
+
+async def _sandbox(
+    config: ProviderConfig, stack: contextlib.AsyncExitStack, res: AdapterResources
+) -> EmailProvider:
+    return SandboxProvider(config, res.redis, res.prefix)
+
+
+FACTORIES: dict[str, Factory] = {
+    "sandbox": _sandbox,
+    "resend": resend.open_adapter,
+    "sendgrid": sendgrid.open_adapter,
+    "smtp": smtp.open_adapter,
+}
+
+
+async def build_adapters(
+    configs: Iterable[ProviderConfig],
+    stack: contextlib.AsyncExitStack,
+    *,
+    redis: aioredis.Redis,
+    prefix: str,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, EmailProvider]:
+    """One adapter per provider, by name; their clients are closed when ``stack`` is.
+
+    Resolves credentials (``ConfigError`` when one is missing), so a sender with a
+    wrong secret stops at start-up rather than at its first send.
+    """
+    resources = AdapterResources(redis, prefix, os.environ if environ is None else environ)
+    adapters: dict[str, EmailProvider] = {}
+    for config in configs:
+        factory = FACTORIES.get(config.kind)
+        if factory is None:
+            raise ConfigError(f"provider {config.name!r}: kind {config.kind!r} has no adapter")
+        adapters[config.name] = await factory(config, stack, resources)
+    return adapters
