@@ -24,38 +24,21 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing
-import os
-import resource
-import signal
-import time
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
-from types import FrameType
 
 from sluice.common.errors import Unavailable
-from sluice.sender.render import RenderedMessage, Renderer, RenderError, Template
+from sluice.sender.render import RenderedMessage, RenderError, Template
+from sluice.sender.render_worker import RenderBudget, Wire, init_worker, render_batch, warm
 from sluice.sender.settings import SenderSettings
+
+__all__ = ["RenderBudget", "RenderPool", "render_budget"]
 
 log = logging.getLogger("sluice.sender.render")
 
-# (subject, html, text) on success, the reason on failure: plain tuples pickle fastest.
-_Wire = tuple[str, str, str] | str
 _POISON_CACHE = 1024
-
-
-@dataclass(frozen=True, slots=True)
-class RenderBudget:
-    """What one render may cost. ``message_seconds`` per message, ``batch_seconds`` for a
-    whole batch, ``max_output_chars`` per message, ``memory_bytes`` of address space a
-    worker may grow by beyond its size at start."""
-
-    message_seconds: float = 0.5
-    batch_seconds: float = 5.0
-    max_output_chars: int = 1_000_000
-    memory_bytes: int = 512 * 1024 * 1024
 
 
 def render_budget(settings: SenderSettings) -> RenderBudget:
@@ -66,68 +49,6 @@ def render_budget(settings: SenderSettings) -> RenderBudget:
         max_output_chars=settings.render_max_output_chars,
         memory_bytes=settings.render_memory_mb * 1024 * 1024,
     )
-
-
-class _Timeout(BaseException):
-    """Raised in the worker by the timer; a BaseException so ``except Exception`` in a
-    filter or in Jinja's runtime does not swallow it."""
-
-
-_renderer: Renderer | None = None
-
-
-def _on_timer(signum: int, frame: FrameType | None) -> None:
-    raise _Timeout
-
-
-def _init_worker(budget: RenderBudget) -> None:
-    global _renderer
-    _renderer = Renderer(max_output_chars=budget.max_output_chars)
-    signal.signal(signal.SIGALRM, _on_timer)
-    # The parent handles SIGINT/SIGTERM and shuts the pool down; a worker must not die first.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    with open("/proc/self/statm", encoding="ascii") as statm:  # noqa: PTH123 (a proc file)
-        current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    limit = current + budget.memory_bytes
-    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-
-
-def _render_in_worker(
-    template: Template, variables: Sequence[Mapping[str, str]], budget: RenderBudget
-) -> tuple[list[_Wire], bool]:
-    """Renders every message; returns the results and whether the time budget ran out.
-
-    Once one message exceeds its budget, or the batch exceeds its own, the rest fail with
-    the same reason: the template is at fault, and each would cost another budget."""
-    assert _renderer is not None, "worker not initialised"
-    out: list[_Wire] = []
-    deadline = time.monotonic() + budget.batch_seconds
-    for i, values in enumerate(variables):
-        left = deadline - time.monotonic()
-        if left <= 0:
-            reason = f"template exceeded the batch render budget of {budget.batch_seconds} s"
-            out.extend([reason] * (len(variables) - i))
-            return out, True
-        try:
-            signal.setitimer(signal.ITIMER_REAL, min(budget.message_seconds, left))
-            try:
-                msg = _renderer.render(template, values)
-            finally:
-                signal.setitimer(signal.ITIMER_REAL, 0)
-        except _Timeout:
-            reason = f"template exceeded the render time budget of {budget.message_seconds} s"
-            out.extend([reason] * (len(variables) - i))
-            return out, True
-        except RenderError as exc:
-            out.append(str(exc))
-            continue
-        out.append((msg.subject, msg.html, msg.text))
-    return out, False
-
-
-def _warm() -> bool:
-    return _renderer is not None
 
 
 class RenderPool:
@@ -150,7 +71,7 @@ class RenderPool:
         return ProcessPoolExecutor(
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
+            initializer=init_worker,
             initargs=(self._budget,),
         )
 
@@ -158,7 +79,7 @@ class RenderPool:
         """Starts every worker now, so the first batch does not pay for process start-up."""
         loop = asyncio.get_running_loop()
         await asyncio.gather(
-            *(loop.run_in_executor(self._pool, _warm) for _ in range(self._workers))
+            *(loop.run_in_executor(self._pool, warm) for _ in range(self._workers))
         )
 
     async def render(
@@ -182,9 +103,9 @@ class RenderPool:
 
     async def _run(
         self, template: Template, variables: list[dict[str, str]]
-    ) -> tuple[list[_Wire], bool]:
+    ) -> tuple[list[Wire], bool]:
         pool = self._pool
-        future = pool.submit(_render_in_worker, template, variables, self._budget)
+        future = pool.submit(render_batch, template, variables, self._budget)
         # Grace beyond the batch budget covers queueing behind other batches and a loaded box,
         # and stays under the router's default SendBatch timeout (10 s).
         limit = self._budget.batch_seconds + 2.0
