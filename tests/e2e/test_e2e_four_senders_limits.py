@@ -80,7 +80,9 @@ async def hammer(
                 for n in (next(ids) for _ in range(MESSAGES_PER_CALL))
             ]
             answer = await stub.SendBatch(
-                sender_pb2.SendBatchRequest(provider=provider, template=TEMPLATE, messages=messages),
+                sender_pb2.SendBatchRequest(
+                    provider=provider, template=TEMPLATE, messages=messages
+                ),
                 timeout=10,
             )
             pause: float | None = None

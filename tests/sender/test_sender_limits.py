@@ -312,3 +312,20 @@ async def test_unreachable_limiter_raises_unavailable_with_retry_after() -> None
         assert 1.0 <= info.value.retry_after <= 1.1
     finally:
         await client.aclose()
+
+
+async def test_preview_grants_what_acquire_would_and_reserves_nothing(
+    limiter: RateLimiter,
+) -> None:
+    p = provider(10, 20, batch=5, requests_per_second=2, request_burst=3, daily_quota=100)
+    await limiter.acquire(p, 4, now_us=T0)
+    for at in (T0 + 1, T0 + 300_000, T0 + 2 * S):
+        first = await limiter.preview(p, 50, now_us=at)
+        again = await limiter.preview(p, 50, now_us=at)
+        assert first == again  # nothing was reserved
+        real = await limiter.acquire(p, 50, now_us=at)
+        assert (real.granted, real.requests, real.retry_after) == (
+            first.granted,
+            first.requests,
+            first.retry_after,
+        ), at

@@ -48,8 +48,8 @@ local quota = tonumber(ARGV[9])
 local window = tonumber(ARGV[10])
 local recovery = tonumber(ARGV[11])
 local floor_f = tonumber(ARGV[12])
+-- peek computes the same grant and retry-after as acquire but writes nothing.
 local peek = mode == 'peek'
-if peek then n = 0 end
 
 local function fmt(v) return string.format('%d', v) end
 
@@ -148,12 +148,19 @@ local function window_sum(zkey, skey)
 end
 
 local function window_wait(zkey)
-  local oldest = redis.call('ZRANGE', zkey, 0, 0, 'WITHSCORES')
+  -- The oldest grant still inside the window (a peek has not pruned the expired ones).
+  local oldest = redis.call('ZRANGEBYSCORE', zkey, '(' .. fmt(now - window), '+inf',
+    'WITHSCORES', 'LIMIT', 0, 1)
   if oldest[2] then return tonumber(oldest[2]) + window - now end
   return window
 end
 
+-- Takes `take` from a bucket and its window; returns the state after (written unless peek).
 local function commit(bkey, zkey, skey, rate, burst, tokens, cap_u, last, sum, pruned, take)
+  if peek then
+    if rate > 0 then tokens = tokens - take * UNIT end
+    return tokens, sum + take
+  end
   if rate > 0 and take > 0 then
     tokens = tokens - take * UNIT
     redis.call('HSET', bkey, 'u', fmt(tokens), 'ts', fmt(last))
@@ -220,16 +227,18 @@ if r_room ~= nil and requests > r_room then
 end
 if granted <= 0 then granted, requests = 0, 0 end
 
-if not peek then
-  m_tok, m_sum = commit(KEYS[1], KEYS[2], KEYS[3], msg_rate, msg_burst,
-    m_tok, m_cap, m_last, m_sum, m_pruned, granted)
-  r_tok, r_sum = commit(KEYS[4], KEYS[5], KEYS[6], req_rate, req_burst,
-    r_tok, r_cap, r_last, r_sum, r_pruned, requests)
-  if quota > 0 and granted > 0 then
+-- What a peek reports as available is the state before the (simulated) grant.
+local m_tok0, m_sum0, r_tok0, r_sum0, used0 = m_tok, m_sum, r_tok, r_sum, used
+m_tok, m_sum = commit(KEYS[1], KEYS[2], KEYS[3], msg_rate, msg_burst,
+  m_tok, m_cap, m_last, m_sum, m_pruned, granted)
+r_tok, r_sum = commit(KEYS[4], KEYS[5], KEYS[6], req_rate, req_burst,
+  r_tok, r_cap, r_last, r_sum, r_pruned, requests)
+if quota > 0 and granted > 0 then
+  if not peek then
     redis.call('HINCRBY', KEYS[8], fmt(hour), granted)
     redis.call('PEXPIRE', KEYS[8], 25 * 3600 * 1000)
-    used = used + granted
   end
+  used = used + granted
 end
 
 -- When fewer than asked were granted: how long until every exhausted limit allows one
@@ -257,6 +266,7 @@ if granted < n then
   if retry <= 0 then retry = 1 end
 end
 
+if peek then m_tok, m_sum, r_tok, r_sum, used = m_tok0, m_sum0, r_tok0, r_sum0, used0 end
 local function off(v, on) if on then return v end return -1 end
 return {granted, requests, retry,
   off(m_tok, msg_rate > 0), off(math.max(0, msg_burst - m_sum), msg_burst > 0),

@@ -232,6 +232,25 @@ class RateLimiter:
             granted=reply[0], retry_after=reply[2] / _MICROS, at_us=reply[11], requests=reply[1]
         )
 
+    async def preview(
+        self, provider: ProviderConfig, n: int, *, now_us: int | None = None
+    ) -> Grant:
+        """What ``acquire(provider, n)`` would grant now, reserving nothing.
+
+        The servicer renders only what a preview allows and reserves afterwards, so the time
+        between a reservation and the provider seeing the request stays short (rendering
+        runs in another process and can be delayed on a busy machine); see ``window_guard``.
+        """
+        if n < 0:
+            raise ValueError("n must not be negative")
+        limits = Limits.of(provider)
+        if n == 0 or self._skips(provider, limits):
+            return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
+        reply = await self._run(provider, limits, "peek", n, now_us)
+        return Grant(
+            granted=reply[0], retry_after=reply[2] / _MICROS, at_us=reply[11], requests=reply[1]
+        )
+
     async def capacity(self, provider: ProviderConfig, *, now_us: int | None = None) -> Capacity:
         """Reads what the limits allow now without reserving (the script writes nothing)."""
         limits = Limits.of(provider)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -22,7 +22,7 @@ from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
 from sluice.sender.checks import MessageChecks
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
-from sluice.sender.ratelimit import RateLimiter, jittered
+from sluice.sender.ratelimit import Grant, RateLimiter, jittered
 from sluice.sender.render import RenderError, Template
 from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -96,20 +96,18 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             variables=tuple(request.template.variables),
             from_address=request.template.from_address,
         )
-        # Raises Unavailable (with a retry-after) when Redis is down: nothing is sent then.
-        grant = await self._limiter.acquire(config, len(messages))
+        # Render and check only what the limits would allow now, then reserve exactly the
+        # messages that can go: the reservation is taken right before the provider call,
+        # so rendering time never sits between a grant and the send, and refused or
+        # unrenderable messages spend no tokens. Both calls raise Unavailable (with a
+        # retry-after) when Redis is down: nothing is sent then.
+        preview = await self._limiter.preview(config, len(messages))
         results: list[sender_pb2.SendResult | None] = [None] * len(messages)
-        retry_after = duration_from_seconds(jittered(grant.retry_after))
-        for i in range(grant.granted, len(messages)):
-            results[i] = sender_pb2.SendResult(
-                intent_id=messages[i].intent_id,
-                outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
-                retry_after=retry_after,
-            )
+        self._throttle(results, messages, range(preview.granted, len(messages)), preview)
 
-        outbound: list[tuple[int, OutboundEmail]] = []
+        candidates: list[tuple[int, OutboundEmail]] = []
         rendered = await self._render_pool.render(
-            template, [messages[i].variables for i in range(grant.granted)]
+            template, [messages[i].variables for i in range(preview.granted)]
         )
         for i, out in enumerate(rendered):
             msg = messages[i]
@@ -142,7 +140,12 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             if refusal is not None:
                 results[i] = _permanent(msg.intent_id, f"refused: {refusal}")
                 continue
-            outbound.append((i, email))
+            candidates.append((i, email))
+
+        grant = await self._limiter.acquire(config, len(candidates))
+        outbound = candidates[: grant.granted]
+        # Another replica took the room between preview and reservation.
+        self._throttle(results, messages, [i for i, _ in candidates[grant.granted :]], grant)
 
         # The adapter splits into its provider's batch shape itself (see providers.base).
         adapter = self._adapters[config.name]
@@ -179,6 +182,21 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         return sender_pb2.SendBatchResponse(results=done)
+
+    @staticmethod
+    def _throttle(
+        results: list[sender_pb2.SendResult | None],
+        messages: Sequence[sender_pb2.OutboundMessage],
+        indices: Iterable[int],
+        grant: Grant,
+    ) -> None:
+        retry_after = duration_from_seconds(jittered(grant.retry_after))
+        for i in indices:
+            results[i] = sender_pb2.SendResult(
+                intent_id=messages[i].intent_id,
+                outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
+                retry_after=retry_after,
+            )
 
     async def _send(
         self, adapter: EmailProvider, emails: Sequence[OutboundEmail]
