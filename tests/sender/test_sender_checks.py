@@ -110,6 +110,11 @@ def test_good_message_passes_and_each_bad_field_is_named() -> None:
     assert CHECKS.refusal(**GOOD, headers=[("Bcc", "victim@example.net")]) is not None
     assert CHECKS.refusal(**GOOD, headers=[("X-A", "1\r\nBcc: v@example.net")]) is not None
     assert CHECKS.refusal(**GOOD, tags=[("campaign", "a\nb")]) is not None
+    # Encoded words decode to CR/LF inside mail libraries (see checks.py).
+    smuggled = "=?utf-8?q?=0D=0ABcc:_victim@example.net?="
+    assert "encoded word" in str(CHECKS.refusal(**GOOD, headers=[("X-A", smuggled)]))
+    assert CHECKS.refusal(**{**GOOD, "subject": f"Re: {smuggled}"}) is not None
+    assert CHECKS.refusal(**{**GOOD, "from_address": f"{smuggled} <a@example.com>"}) is not None
     # Internationalised addresses are fine; any domain is fine when no list is set.
     assert CHECKS.refusal(**{**GOOD, "recipient": "josé@exämple.com"}) is None
     assert MessageChecks().refusal(**{**GOOD, "from_address": "CEO <ceo@yourbank.example>"}) is None

@@ -14,7 +14,8 @@ sent. The rules:
 - Every header value (subject after rendering, from, reply-to, recipient, custom headers, tags,
   the intent id and idempotency key, which adapters put into headers and tags): no control
   characters at all (C0, DEL, C1) and no Unicode line or paragraph separators, since mail and
-  HTTP libraries split lines on more than CR/LF. Values are length-capped.
+  HTTP libraries split lines on more than CR/LF; and no RFC 2047 encoded words, which mail
+  libraries decode (CR/LF included) before writing the header out. Values are length-capped.
 - Custom header names: RFC 5322 field-name characters only, ``X-`` headers plus a short
   allow-list; never one that changes who receives the message or who it claims to be from.
 """
@@ -30,6 +31,12 @@ from email_validator import EmailNotValidError, validate_email
 # Characters a header value may never carry: every C0 control but TAB, DEL, every C1
 # control (NEL U+0085 among them), and the Unicode line/paragraph separators.
 _FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# An RFC 2047 encoded word. Mail libraries decode these when they parse a header value and
+# re-encode on output: Python's email package turned "=?utf-8?q?=0D=0ABcc:_x?=" in a
+# custom header into a real CR LF Bcc line at the SMTP sink (found by the provider fuzz
+# test). Values are Unicode here, so nobody needs to pre-encode; adapters encode.
+# Matched loosely (any "=?" ... "?="): the parser decoded words with spaces inside too.
+_ENCODED_WORD = re.compile(r"=\?.*\?=")
 # RFC 5322 field-name: printable US-ASCII except colon.
 _HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
 _ALLOWED_HEADERS = frozenset(
@@ -126,6 +133,8 @@ def header_value(field: str, value: str, limit: int) -> None:
     bad = _FORBIDDEN.search(value)
     if bad is not None:
         raise Refused(f"{field}: contains the control character U+{ord(bad.group()):04X}")
+    if _ENCODED_WORD.search(value):
+        raise Refused(f"{field}: contains an RFC 2047 encoded word (=?charset?q?...?=)")
     if len(value) > limit:
         raise Refused(f"{field}: longer than {limit} characters")
 
