@@ -15,7 +15,6 @@ import grpc
 import pytest
 import redis.asyncio as aioredis
 
-from sluice.common.grpcserver import ServerHandle, build_server
 from sluice.common.providers import (
     ProviderConfig,
     ResendSettings,
@@ -24,7 +23,6 @@ from sluice.common.providers import (
     SmtpSettings,
 )
 from sluice.common.telemetry import disabled
-from sluice.sender.app import SERVICE_NAME
 from sluice.sender.checks import MessageChecks
 from sluice.sender.providers import build_adapters
 from sluice.sender.ratelimit import RateLimiter
@@ -34,6 +32,7 @@ from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.fakes.resend_fake import FakeResend
 from tests.fakes.sendgrid_fake import FakeSendGrid
 from tests.fakes.smtp_fake import SmtpSink
+from tests.sender.sender_server import serving
 
 pytestmark = pytest.mark.slow
 
@@ -98,11 +97,8 @@ async def sender(
             render_pool=pool,
             checks=MessageChecks(frozenset({"example.com"})),
         )
-        handle = ServerHandle(build_server(disabled()), [SERVICE_NAME])
-        sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, handle.server)
-        await handle.start("127.0.0.1", 0)
-        stack.push_async_callback(handle.stop, 1)
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}")
+        port = await stack.enter_async_context(serving(servicer))
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stack.push_async_callback(channel.close)
         yield sender_pb2_grpc.SenderServiceStub(channel)
 

@@ -21,16 +21,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sluice.common.errors import Unavailable
-from sluice.common.grpcserver import ServerHandle, build_server
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import disabled
-from sluice.sender.app import SERVICE_NAME
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 from sluice.sender.ratelimit import RateLimiter, jittered
 from sluice.sender.render_pool import RenderPool
 from sluice.sender.service import SenderServicer
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.grpc_helpers import status_details
+from tests.sender.sender_server import serving
 
 T0 = 1_700_000_000_000_000  # µs; a whole hour, so quota hour buckets are easy to reason about
 T0 -= T0 % 3_600_000_000
@@ -233,7 +232,6 @@ async def test_redis_down_sends_nothing_answers_unavailable_and_recovers(
         host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 1)
     )
     pool = RenderPool(1)
-    handle = ServerHandle(build_server(disabled()), [SERVICE_NAME])
     servicer = SenderServicer(
         {config.name: config},
         {config.name: SandboxProvider(config, redis_client, redis_prefix)},
@@ -241,7 +239,6 @@ async def test_redis_down_sends_nothing_answers_unavailable_and_recovers(
         disabled(),
         render_pool=pool,
     )
-    sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, handle.server)
     ledger = SandboxLedger(redis_client, redis_prefix)
     request = sender_pb2.SendBatchRequest(
         provider=config.name,
@@ -262,8 +259,10 @@ async def test_redis_down_sends_nothing_answers_unavailable_and_recovers(
     )
     try:
         await pool.start()
-        await handle.start("127.0.0.1", 0)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        async with (
+            serving(servicer) as sender_port,
+            grpc.aio.insecure_channel(f"127.0.0.1:{sender_port}") as channel,
+        ):
             stub = sender_pb2_grpc.SenderServiceStub(channel)
             with _redis_server(port, workdir):
                 reply = await stub.SendBatch(request, timeout=10)
@@ -298,7 +297,6 @@ async def test_redis_down_sends_nothing_answers_unavailable_and_recovers(
                 assert {r.outcome for r in recovered.results} == {sender_pb2.SEND_OUTCOME_ACCEPTED}
             assert await ledger.sent_count(config.name) == 10
     finally:
-        await handle.stop(1)
         await pool.aclose()
         await lim_client.aclose()
         shutil.rmtree(workdir, ignore_errors=True)

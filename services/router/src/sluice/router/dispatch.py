@@ -30,7 +30,6 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-import asyncpg
 import grpc
 from opentelemetry import trace
 
@@ -41,6 +40,7 @@ from sluice.common.telemetry import Telemetry, context_from_traceparent, current
 from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
 from sluice.router.health import ProviderHealthTracker
+from sluice.router.metrics import RouterMetrics
 from sluice.router.repository import Completion, LeasedIntent
 from sluice.router.routing import (
     SENDER_TARGET,
@@ -75,16 +75,6 @@ ERROR_PAUSE_CAP_SECONDS = 30.0
 RECLAIM_CHUNK = 1000
 RELEASE_TIMEOUT_SECONDS = 5.0
 
-# Database errors worth retrying the write-back for: the connection, not the statement.
-_RETRYABLE_DB_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-    Unavailable,
-)
-
 
 class Dispatcher:
     """Leases, routes, sends and writes back, in ``settings.router_concurrency`` workers.
@@ -105,8 +95,10 @@ class Dispatcher:
         health: ProviderHealthTracker | None = None,
         templates: TemplateCache | None = None,
         rng: random.Random | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.health = health if health is not None else ProviderHealthTracker(providers)
         self.stats = DispatchStats()
         self._pool = pool
@@ -127,6 +119,11 @@ class Dispatcher:
         self._held: dict[uuid.UUID, list[uuid.UUID]] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The workers and the reclaimer, for a supervisor to watch."""
+        return tuple(self._tasks)
 
     @property
     def running(self) -> bool:
@@ -239,6 +236,8 @@ class Dispatcher:
                 break
         if total:
             self.stats.reclaimed += total
+            if self.metrics is not None:
+                self.metrics.observe_reclaimed(total)
             log.info("reclaimed %d expired leases", total)
         return total
 
@@ -287,6 +286,8 @@ class Dispatcher:
         result = self._account(
             leased, completions, written, tally.seconds, tally.batches, tally.unreachable
         )
+        if self.metrics is not None:
+            self.metrics.observe_round(leased, completions, time.perf_counter() - started)
         log.debug(
             "round leased=%d sent=%d throttled=%d retrying=%d failed=%d expired=%d "
             "written=%d in %.1f ms",
@@ -474,7 +475,7 @@ class Dispatcher:
                 return await repository.complete(
                     self._pool, lease_id=lease_id, completions=completions
                 )
-            except _RETRYABLE_DB_ERRORS as exc:
+            except Unavailable as exc:
                 if time.monotonic() + delay > deadline:
                     raise
                 log.warning("write-back failed, retrying in %.1f s: %s", delay, exc)

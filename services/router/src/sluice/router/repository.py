@@ -17,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
-from sluice.common.db import Executor, rows_affected
+from sluice.common.db import Executor, db_boundary, rows_affected
 
 __all__ = [
     "COMPLETION_STATUSES",
@@ -202,6 +202,7 @@ def _leased(rec: asyncpg.Record) -> LeasedIntent:
     )
 
 
+@db_boundary
 async def lease(
     pool: Executor, *, lease_id: UUID, limit: int, lease_seconds: float
 ) -> list[LeasedIntent]:
@@ -217,6 +218,7 @@ async def lease(
     return [_leased(rec) for rec in records]
 
 
+@db_boundary
 async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Completion]) -> int:
     """Write the results of a lease back in one statement; return how many rows took them.
 
@@ -248,6 +250,7 @@ async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Comp
     return rows_affected(status)
 
 
+@db_boundary
 async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int:
     """Give leased intents back unsent (e.g. on shutdown); return how many were released.
 
@@ -260,6 +263,7 @@ async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int
     return rows_affected(await pool.execute(RELEASE_SQL, lease_id, id_list))
 
 
+@db_boundary
 async def reclaim_expired(pool: Executor, *, limit: int = 1000) -> int:
     """Turn up to ``limit`` leases that ran out back into pending intents; return the count.
 
@@ -272,6 +276,7 @@ async def reclaim_expired(pool: Executor, *, limit: int = 1000) -> int:
     return rows_affected(await pool.execute(RECLAIM_EXPIRED_SQL, limit))
 
 
+@db_boundary
 async def queue_stats(pool: Executor, campaign_id: str | None = None) -> QueueStats:
     """Counts by (status, kind, provider) and the due backlog, for one campaign or all.
 

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import asyncpg
 import grpc
 
 from sluice.common.db import Executor
-from sluice.common.errors import Unavailable
 from sluice.common.grpcserver import duration_from_seconds
 from sluice.common.model import KIND_TO_PROTO, STATUS_TO_PROTO
 from sluice.common.providers import INTENT_KINDS, ProviderConfig
 from sluice.router import repository
 from sluice.router.health import ProviderHealthTracker
 from sluice.v1 import intent_pb2, router_pb2, router_pb2_grpc
-
-_DB_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-)
 
 
 class RouterServicer(router_pb2_grpc.RouterServiceServicer):
@@ -43,10 +33,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
         self, request: router_pb2.GetQueueStatsRequest, context: grpc.aio.ServicerContext
     ) -> router_pb2.GetQueueStatsResponse:
         """Counts by status, intent and provider, plus the due backlog."""
-        try:
-            stats = await repository.queue_stats(self._pool, request.campaign_id or None)
-        except _DB_DOWN as exc:
-            raise Unavailable(f"database unavailable: {exc}") from exc
+        stats = await repository.queue_stats(self._pool, request.campaign_id or None)
         return router_pb2.GetQueueStatsResponse(
             counts=[
                 router_pb2.QueueCount(

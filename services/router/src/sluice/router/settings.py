@@ -15,6 +15,7 @@ class RouterSettings(CommonSettings):
 
     service: ClassVar[str] = "router"
 
+    metrics_port: int = 9092
     router_port: int = 50052
     sender_target: str = "127.0.0.1:50053"
     router_batch_size: int = 500
@@ -25,6 +26,13 @@ class RouterSettings(CommonSettings):
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 600.0
     sender_timeout_seconds: float = 10.0
+    #: File holding the token (scope ``send``) the router presents to senders.
+    sender_token_file: str = ""
+    #: CA that signed the senders' certificates: the channel to senders uses TLS.
+    sender_tls_ca_file: str = ""
+    #: The router's client certificate and key, for senders that require mutual TLS.
+    sender_tls_cert_file: str = ""
+    sender_tls_key_file: str = ""
 
     def validate(self) -> None:
         super().validate()

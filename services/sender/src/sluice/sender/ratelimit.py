@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -105,6 +105,8 @@ class Grant:
     retry_after: float
     at_us: int = 0
     requests: int = 0
+    #: Messages the sustained bucket still allows after this grant (None: unlimited).
+    tokens_left: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,10 +229,7 @@ class RateLimiter:
         limits = Limits.of(provider)
         if n == 0 or self._skips(provider, limits):
             return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        reply = await self._run(provider, limits, "acquire", n, now_us)
-        return Grant(
-            granted=reply[0], retry_after=reply[2] / _MICROS, at_us=reply[11], requests=reply[1]
-        )
+        return _grant(await self._run(provider, limits, "acquire", n, now_us))
 
     async def preview(
         self, provider: ProviderConfig, n: int, *, now_us: int | None = None
@@ -246,10 +245,7 @@ class RateLimiter:
         limits = Limits.of(provider)
         if n == 0 or self._skips(provider, limits):
             return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        reply = await self._run(provider, limits, "peek", n, now_us)
-        return Grant(
-            granted=reply[0], retry_after=reply[2] / _MICROS, at_us=reply[11], requests=reply[1]
-        )
+        return _grant(await self._run(provider, limits, "peek", n, now_us))
 
     async def capacity(self, provider: ProviderConfig, *, now_us: int | None = None) -> Capacity:
         """Reads what the limits allow now without reserving (the script writes nothing)."""
@@ -341,3 +337,13 @@ class RateLimiter:
                 retry_after=jittered(REDIS_DOWN_RETRY_SECONDS),
             ) from exc
         return [int(v) for v in reply]
+
+
+def _grant(reply: list[int]) -> Grant:
+    return Grant(
+        granted=reply[0],
+        retry_after=reply[2] / _MICROS,
+        at_us=reply[11],
+        requests=reply[1],
+        tokens_left=None if reply[3] < 0 else reply[3] / _MICROS,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
@@ -18,9 +19,11 @@ import grpc
 from sluice.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from sluice.common.grpcserver import duration_from_seconds
 from sluice.common.logging import redact_email
+from sluice.common.metrics import disabled_metrics
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
 from sluice.sender.checks import MessageChecks
+from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
 from sluice.sender.ratelimit import Grant, RateLimiter, jittered
 from sluice.sender.render import RenderError, Template
@@ -37,6 +40,15 @@ _OUTCOMES = {
     "throttled": sender_pb2.SEND_OUTCOME_THROTTLED,
     "unknown": sender_pb2.SEND_OUTCOME_UNKNOWN,
 }
+_OUTCOME_NAMES = {
+    sender_pb2.SEND_OUTCOME_UNSPECIFIED: "unspecified",
+    sender_pb2.SEND_OUTCOME_ACCEPTED: "accepted",
+    sender_pb2.SEND_OUTCOME_THROTTLED: "throttled",
+    sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE: "transient",
+    sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE: "permanent",
+    sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE: "unavailable",
+    sender_pb2.SEND_OUTCOME_UNKNOWN: "unknown",
+}
 MAX_MESSAGES = 5000
 
 
@@ -49,6 +61,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         adapters: Mapping[str, EmailProvider],
         limiter: RateLimiter,
         telemetry: Telemetry,
+        metrics: SenderMetrics | None = None,
         *,
         render_pool: RenderPool,
         checks: MessageChecks | None = None,
@@ -57,6 +70,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         self._adapters = adapters
         self._limiter = limiter
         self._telemetry = telemetry
+        self._metrics = metrics if metrics is not None else SenderMetrics(disabled_metrics())
         self._render_pool = render_pool
         self._checks = checks or MessageChecks()
 
@@ -143,6 +157,10 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             candidates.append((i, email))
 
         grant = await self._limiter.acquire(config, len(candidates))
+        if grant.tokens_left is not None or grant.granted < len(messages):
+            self._metrics.observe_grant(
+                config.name, len(messages), grant.granted, grant.tokens_left or 0.0
+            )
         outbound = candidates[: grant.granted]
         # Another replica took the room between preview and reservation.
         self._throttle(results, messages, [i for i, _ in candidates[grant.granted :]], grant)
@@ -181,6 +199,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 log.warning("could not report a throttle", extra={"error": str(exc)})
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
+        self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
 
     @staticmethod
@@ -203,6 +222,7 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
     ) -> list[ProviderResult]:
         if not emails:
             return []
+        started = time.perf_counter()
         try:
             results = await adapter.send_batch(emails)
         except Unavailable as exc:
@@ -215,6 +235,8 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 ProviderResult(intent_id=e.intent_id, outcome="unavailable", reason=str(exc))
                 for e in emails
             ]
+        finally:
+            self._metrics.observe_call(adapter.name, time.perf_counter() - started)
         if len(results) != len(emails):
             raise RuntimeError(
                 f"provider {adapter.name} gave {len(results)} results for {len(emails)} messages"

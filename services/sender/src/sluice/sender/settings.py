@@ -15,6 +15,7 @@ class SenderSettings(CommonSettings):
 
     service: ClassVar[str] = "sender"
 
+    metrics_port: int = 9093
     sender_port: int = 50053
     # Comma-separated domains the from-address may use; empty allows any valid address.
     sender_from_domains: str = ""
