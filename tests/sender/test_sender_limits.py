@@ -12,7 +12,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -327,3 +327,34 @@ async def test_preview_grants_what_acquire_would_and_reserves_nothing(
             first.requests,
             first.retry_after,
         ), at
+
+
+async def test_get_capacity_shows_request_limits_quota_and_adaptive_state(
+    redis_client: aioredis.Redis, redis_prefix: str
+) -> None:
+    p = provider(10, 20, batch=10, requests_per_second=2, request_burst=4, daily_quota=1000)
+    limiter = RateLimiter(redis_client, redis_prefix)
+    pool = RenderPool(1)
+    servicer = SenderServicer(
+        {p.name: p},
+        {p.name: SandboxProvider(p, redis_client, redis_prefix)},
+        limiter,
+        disabled(),
+        render_pool=pool,
+    )
+    try:
+        await limiter.acquire(p, 15)
+        await limiter.report_throttled(p, retry_after=30, published_rps=1.5)
+        reply = await servicer.GetCapacity(
+            sender_pb2.GetCapacityRequest(provider=p.name), cast(Any, None)
+        )
+    finally:
+        await pool.aclose()
+    (cap,) = reply.providers
+    assert (cap.requests_per_second, cap.request_burst, cap.daily_quota) == (2, 4, 1000)
+    assert cap.daily_used == 15
+    # 15 messages = 2 requests of 10, against a request burst the factor halved to 2.
+    assert cap.request_burst_available == 0
+    assert cap.adaptive_factor == pytest.approx(0.5, abs=0.01)
+    assert 29 < cap.paused_for.ToTimedelta().total_seconds() <= 30
+    assert cap.published_requests_per_second == pytest.approx(1.5)
