@@ -165,8 +165,8 @@ async def test_a_retry_of_the_same_messages_sends_nothing_twice(fake: FakeResend
 async def test_timeout_after_sending_is_retried_with_the_same_key_and_sent_once(
     fake: FakeResend,
 ) -> None:
-    fake.hold_next, fake.hold_seconds = 1, 3.0
-    async with adapter(fake.url, wait=0.5) as provider:
+    fake.hold_next, fake.hold_seconds = 1, 6.0
+    async with adapter(fake.url, wait=2.0) as provider:
         results = await provider.send_batch([email("a"), email("b")])
     assert [r.outcome for r in results] == ["accepted", "accepted"]
     assert len(fake.requests) == 2

@@ -150,12 +150,12 @@ async def test_rate_limited_is_throttled_until_the_reset() -> None:
 
 
 async def test_failures_map_to_outcomes(fake: FakeSendGrid) -> None:
-    async with adapter(fake.url, wait=0.5) as provider:
+    async with adapter(fake.url, wait=2.0) as provider:
         fake.status_next = [500, 502, 413]
         assert (await provider.send_batch([email("a")]))[0].outcome == "transient"
         assert (await provider.send_batch([email("b")]))[0].outcome == "unknown"
         assert (await provider.send_batch([email("c")]))[0].outcome == "permanent"
-        fake.hold_next, fake.hold_seconds = 1, 2.0
+        fake.hold_next, fake.hold_seconds = 1, 6.0
         assert (await provider.send_batch([email("d")]))[0].outcome == "unknown"
         fake.cut_next = 1
         assert (await provider.send_batch([email("e")]))[0].outcome == "unknown"

@@ -5,6 +5,7 @@ connection after the request was processed."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from typing import Any
@@ -26,6 +27,7 @@ class FakeHttpServer:
         self.requests: list[dict[str, Any]] = []  # every request: path, headers, body
         self._window = 0
         self._window_count = 0
+        self._released = asyncio.Event()  # set on stop: held answers end at once
 
     async def start(self) -> str:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -37,6 +39,7 @@ class FakeHttpServer:
         return self.url
 
     async def stop(self) -> None:
+        self._released.set()
         if self._runner is not None:
             await self._runner.cleanup()
 
@@ -68,5 +71,6 @@ class FakeHttpServer:
             return response
         if self.hold_next:
             self.hold_next -= 1
-            await asyncio.sleep(self.hold_seconds)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._released.wait(), self.hold_seconds)
         return response

@@ -41,7 +41,7 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: list[str]
     ) -> str:
         if address.startswith("reject"):
-            return "550 5.1.1 No such user"
+            return f"550 5.1.1 <{address}>: No such user"  # servers echo the address
         if address.startswith("busy"):
             return "451 4.7.1 Slow down"
         if address.startswith("later"):

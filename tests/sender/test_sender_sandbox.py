@@ -189,3 +189,17 @@ def test_settings_are_typed_and_checked() -> None:
         SandboxSettings(failure_rate=0.6, throttle_rate=0.6).check("p")
     with pytest.raises(ConfigError, match="needs SesSettings"):
         ProviderConfig("x", "ses", 0.1, 0, 0, frozenset({"marketing"}))
+
+
+def test_every_kind_has_a_factory_and_only_configured_kinds_are_imported() -> None:
+    import subprocess
+    import sys
+
+    from sluice.common.providers import PROVIDER_KINDS
+    from sluice.sender.providers import factory
+
+    assert all(callable(factory(kind)) for kind in PROVIDER_KINDS)
+    # A sandbox-only sender never imports aioboto3 (seconds of start-up on a loaded box).
+    probe = "import sys, sluice.sender.app; print('aioboto3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,20 +8,21 @@ them in order; tests build adapters directly with clients pointed at local stand
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
-from sluice.sender.providers import resend, sendgrid, smtp
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
 __all__ = [
-    "FACTORIES",
+    "ADAPTER_MODULES",
     "AdapterResources",
     "EmailProvider",
     "OutboundEmail",
@@ -30,6 +31,7 @@ __all__ = [
     "SandboxLedger",
     "SandboxProvider",
     "build_adapters",
+    "factory",
 ]
 
 
@@ -54,12 +56,24 @@ async def _sandbox(
     return SandboxProvider(config, res.redis, res.prefix)
 
 
-FACTORIES: dict[str, Factory] = {
-    "sandbox": _sandbox,
-    "resend": resend.open_adapter,
-    "sendgrid": sendgrid.open_adapter,
-    "smtp": smtp.open_adapter,
+# Kind -> the module whose ``open_adapter`` builds it. Imported only when a provider of
+# that kind is configured: aioboto3 alone adds seconds to a loaded machine's start-up.
+ADAPTER_MODULES: dict[str, str] = {
+    "ses": "sluice.sender.providers.ses",
+    "resend": "sluice.sender.providers.resend",
+    "sendgrid": "sluice.sender.providers.sendgrid",
+    "smtp": "sluice.sender.providers.smtp",
 }
+
+
+def factory(kind: str) -> Factory:
+    """The factory of one provider kind (``ConfigError`` for a kind with no adapter)."""
+    if kind == "sandbox":
+        return _sandbox
+    module = ADAPTER_MODULES.get(kind)
+    if module is None:
+        raise ConfigError(f"provider kind {kind!r} has no adapter")
+    return cast(Factory, importlib.import_module(module).open_adapter)
 
 
 async def build_adapters(
@@ -78,8 +92,5 @@ async def build_adapters(
     resources = AdapterResources(redis, prefix, os.environ if environ is None else environ)
     adapters: dict[str, EmailProvider] = {}
     for config in configs:
-        factory = FACTORIES.get(config.kind)
-        if factory is None:
-            raise ConfigError(f"provider {config.name!r}: kind {config.kind!r} has no adapter")
-        adapters[config.name] = await factory(config, stack, resources)
+        adapters[config.name] = await factory(config.kind)(config, stack, resources)
     return adapters

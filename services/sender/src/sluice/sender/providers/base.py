@@ -29,11 +29,13 @@ Contract of ``EmailProvider.send_batch``:
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from sluice.common.errors import Unavailable
+from sluice.common.logging import redact_email
 
 Outcome = Literal["accepted", "throttled", "transient", "unknown", "permanent", "unavailable"]
 
@@ -102,6 +104,16 @@ class EmailProvider(Protocol):
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Sends the messages; one result per message, in order."""
         ...
+
+
+_ADDRESS = re.compile(r"[^\s<>@\"'(),;:]+@[^\s<>@\"'(),;:]+")
+
+
+def provider_text(text: str, limit: int = 200) -> str:
+    """A provider's own words for a reason: bounded, and with any address in it redacted
+    (servers echo recipients: "550 <ada@example.com>: no such user"), since reasons are
+    logged."""
+    return _ADDRESS.sub(lambda m: redact_email(m.group(0)), text[:limit])
 
 
 def results_for(

@@ -13,8 +13,8 @@ Answer -> outcome (the README has the table): 200 accepted (the email id); 429
 ``monthly_quota_exceeded`` throttled until the quota resets, with a paused_until reason;
 409 ``concurrent_idempotent_requests`` transient (retry shortly); 409
 ``invalid_idempotent_request`` unknown (that key already sent something else); 400/422
-validation permanent; 401/403 key errors and 404 unavailable (nothing can be sent with
-this configuration); 500 transient; 502/504 unknown; no answer unknown.
+validation permanent; 401/403 (key, permissions, unverified domain) and 404 unavailable
+(nothing can be sent with this configuration); 500 transient; 502/504 unknown; no answer unknown.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from sluice.sender.providers.base import (
     OutboundEmail,
     ProviderResult,
     chunked,
+    provider_text,
     results_for,
     send_in_chunks,
 )
@@ -131,7 +132,7 @@ class ResendProvider:
                 return [ProviderResult(chunk[0].intent_id, "accepted", str(data.get("id", "")))]
             return _batch_results(chunk, data)
         error = str(data.get("name", "")) or f"http_{status}"
-        reason = f"resend {status} {error}: {str(data.get('message', ''))[:200]}"
+        reason = f"resend {status} {error}: {provider_text(str(data.get('message', '')))}"
         if status == 429:
             if "quota" in error:
                 until = _quota_reset(error, response)
@@ -142,7 +143,9 @@ class ResendProvider:
             if error == "concurrent_idempotent_requests":
                 return results_for(chunk, "transient", reason, 1.0)
             return results_for(chunk, "unknown", reason)
-        if status in (401, 404, 405) or (status == 403 and "api_key" in error):
+        # The key, its permissions or the sending domain are wrong: nothing can be sent
+        # through this provider as configured, which is no fault of the message.
+        if status in (401, 403, 404, 405):
             return results_for(chunk, "unavailable", reason)
         if status in (502, 504):
             return results_for(chunk, "unknown", reason)
@@ -164,7 +167,9 @@ def _batch_results(chunk: Sequence[OutboundEmail], data: dict[str, Any]) -> list
     for i, message in enumerate(chunk):
         if i in errors:
             results.append(
-                ProviderResult(message.intent_id, "permanent", reason=f"resend: {errors[i]}")
+                ProviderResult(
+                    message.intent_id, "permanent", reason=f"resend: {provider_text(errors[i])}"
+                )
             )
         else:
             provider_id = next(ids, "")

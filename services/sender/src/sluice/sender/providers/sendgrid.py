@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Sequence
+from email.utils import parseaddr
 from typing import Any
 
 import httpx
@@ -30,6 +31,7 @@ from sluice.sender.providers.base import (
     EmailProvider,
     OutboundEmail,
     ProviderResult,
+    provider_text,
     results_for,
     send_in_chunks,
 )
@@ -60,13 +62,11 @@ def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
 
 
 def _address(value: str) -> dict[str, str]:
-    name, sep, rest = value.rpartition("<")
-    if sep and rest.endswith(">"):
-        out = {"email": rest[:-1].strip()}
-        if name.strip():
-            out["name"] = name.strip().strip('"')
-        return out
-    return {"email": value.strip()}
+    name, address = parseaddr(value)
+    out = {"email": address or value.strip()}
+    if name:
+        out["name"] = name
+    return out
 
 
 def payload(request: Sequence[OutboundEmail]) -> dict[str, Any]:
@@ -167,7 +167,7 @@ def _errors(response: httpx.Response) -> str:
             for e in errors
             if isinstance(e, dict)
         ]
-        return "; ".join(parts)[:300]
+        return provider_text("; ".join(parts), 300)
     return response.reason_phrase
 
 

@@ -31,6 +31,7 @@ from sluice.sender.providers.base import (
     OutboundEmail,
     ProviderResult,
     chunked,
+    provider_text,
     send_in_chunks,
 )
 
@@ -195,7 +196,7 @@ async def _reset(conn: aiosmtplib.SMTP, code: int) -> None:
 
 
 def _refused(message: OutboundEmail, code: int, text: str) -> ProviderResult:
-    reason = f"smtp {code}: {text[:200]}"
+    reason = f"smtp {code}: {provider_text(text)}"
     if code in THROTTLE_CODES:
         return ProviderResult(
             message.intent_id, "throttled", reason=reason, retry_after=THROTTLE_WAIT
