@@ -103,8 +103,13 @@ async def test_running_router_sends_and_reports_over_grpc(
     orphan = await seed(pg_pool, ["ok@example.com"], kind="transactional")
     async with running(settings, disabled(), port=0) as handle:
         await wait_for_status(pg_pool, ok, "sent")
-        await wait_for_status(pg_pool, orphan, "failed")
         await wait_for_status(pg_pool, throttled, "pending")
+        # Its only provider is disabled: it waits for it (or its deadline), with the reason.
+        (waiting,) = (await rows(pg_pool, orphan)).values()
+        assert waiting["status"] == "pending"
+        assert (
+            waiting["last_error"] == "no provider can take intent transactional now: off disabled"
+        )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME)
@@ -117,7 +122,7 @@ async def test_running_router_sends_and_reports_over_grpc(
     assert counts == {
         (intent_pb2.INTENT_STATUS_SENT, intent_pb2.INTENT_MARKETING, "cheap"): 5,
         (intent_pb2.INTENT_STATUS_PENDING, intent_pb2.INTENT_MARKETING, "cheap"): 1,
-        (intent_pb2.INTENT_STATUS_FAILED, intent_pb2.INTENT_TRANSACTIONAL, ""): 1,
+        (intent_pb2.INTENT_STATUS_PENDING, intent_pb2.INTENT_TRANSACTIONAL, ""): 1,
     }
     assert stats.due == 0  # the throttled one waits for its retry-after
     assert stats.oldest_due_age.seconds == 0

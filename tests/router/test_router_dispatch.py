@@ -184,9 +184,11 @@ async def test_mixed_lease_each_intent_gets_its_own_outcome_in_one_round(
     assert result.leased == result.written == 5
     stored = await rows(pg_pool, ok + orphan + late + perm + lost)
     assert stored[ok[0]]["status"] == "sent"
-    # The intent no enabled provider serves fails alone; the seed threw and lost the batch.
-    assert stored[orphan[0]]["status"] == "failed"
-    assert stored[orphan[0]]["last_error"] == "no enabled provider supports intent transactional"
+    # The intent only a disabled provider serves waits, alone; the seed threw and lost the batch.
+    assert stored[orphan[0]]["status"] == "pending"
+    assert stored[orphan[0]]["last_error"] == (
+        "no provider can take intent transactional now: off disabled"
+    )
     assert stored[orphan[0]]["attempts"] == 0
     assert stored[late[0]]["status"] == "expired"
     assert stored[late[0]]["attempts"] == 0

@@ -52,6 +52,8 @@ SET status = 'leased',
 WHERE id = ANY(ARRAY(
     SELECT id FROM intents
     WHERE status = 'pending' AND due_at <= now()
+      -- never a suppressed recipient, even in the moment before ingest marks it
+      AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.address = intents.recipient)
     ORDER BY priority, due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
