@@ -57,7 +57,7 @@ TEMPLATE = sender_pb2.TemplateContent(
     html_body="<p>Hi {{ name }}</p>",
     text_body="Hi {{ name }}",
     variables=["name"],
-    from_address="Sluice <noreply@sluice.test>",
+    from_address="Sluice <noreply@sluice.example>",  # .test is refused (special use)
 )
 
 
@@ -113,7 +113,7 @@ async def test_real_kinds_start_and_send(tmp_path: Path, redis_prefix: str) -> N
     }
     assert {m["custom_args"][INTENT_TAG] for m in sendgrid.messages} == {"i-0", "i-1", "i-2"}
     assert sorted(r.rcpt_tos[0] for r in sink.received) == [f"u{i}@example.com" for i in range(3)]
-    assert replies["relay"].results[0].provider_message_id == "i-0@sluice.test"
+    assert replies["relay"].results[0].provider_message_id == "i-0@sluice.example"
 
 
 async def test_a_missing_secret_stops_the_sender_at_start(

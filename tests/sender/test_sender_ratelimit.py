@@ -92,7 +92,7 @@ def test_window_helpers_detect_violations() -> None:
 async def test_grants_within_limits_then_partial_with_retry(limiter: RateLimiter) -> None:
     p = provider(14, 30)
     first = await limiter.acquire(p, 20)
-    assert first == Grant(granted=20, retry_after=0.0, at_us=first.at_us)
+    assert first == Grant(granted=20, retry_after=0.0, at_us=first.at_us, requests=1)
     assert first.at_us > 0
     second = await limiter.acquire(p, 20)
     assert second.granted == 10
@@ -151,7 +151,7 @@ async def test_unlimited_provider_never_touches_redis(
     limiter: RateLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     p = provider(0, 0)
-    assert await limiter.acquire(p, 10_000) == Grant(granted=10_000, retry_after=0.0)
+    assert await limiter.acquire(p, 10_000) == Grant(granted=10_000, retry_after=0.0, requests=100)
     cap = await limiter.capacity(p)
     assert cap.unlimited
     assert cap.available is None
@@ -165,7 +165,11 @@ async def test_keys_are_hash_tagged_and_expire(
     await limiter.acquire(p, 5)
     keys = rate_limit_keys(redis_prefix, "ses")
     assert keys[:2] == [f"{redis_prefix}:rl:{{ses}}:sustained", f"{redis_prefix}:rl:{{ses}}:burst"]
-    for key in keys:
+    assert all(k.startswith(f"{redis_prefix}:rl:{{ses}}:") for k in keys)
+    # Only the message limits are configured: request and quota keys are never written.
+    for key in keys[3:]:
+        assert await redis_client.exists(key) == 0, key
+    for key in keys[:3]:
         ttl = await redis_client.pttl(key)
         # Bucket: refill 5 tokens at 10/s = 500 ms; window: 1050 ms; plus 1 s of slack.
         assert 0 < ttl <= 2_050, (key, ttl)

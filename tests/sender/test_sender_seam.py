@@ -3,10 +3,12 @@ chunks itself), the message fields reach it, and every adapter outcome has its s
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
 import grpc
+import pytest
 import redis.asyncio as aioredis
 
 from sluice.common.providers import ProviderConfig, SandboxSettings
@@ -15,6 +17,7 @@ from sluice.sender import app
 from sluice.sender.providers.base import INTENT_TAG
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.render_pool import RenderPool
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -64,8 +67,17 @@ async def test_one_adapter_call_per_batch_not_one_per_max_batch_size(
     assert [n for _, n in await SandboxLedger(redis_client, redis_prefix).send_log("box")] == [7]
 
 
+@pytest.fixture
+async def pool() -> AsyncIterator[RenderPool]:
+    render_pool = RenderPool(1)
+    try:
+        yield render_pool
+    finally:
+        await render_pool.aclose()
+
+
 def _servicer(
-    redis_client: aioredis.Redis, redis_prefix: str, **settings: Any
+    redis_client: aioredis.Redis, redis_prefix: str, pool: RenderPool, **settings: Any
 ) -> tuple[SenderServicer, SandboxProvider]:
     config = ProviderConfig(
         name="box",
@@ -78,15 +90,19 @@ def _servicer(
     )
     sandbox = SandboxProvider(config, redis_client, redis_prefix)
     servicer = SenderServicer(
-        {"box": config}, {"box": sandbox}, RateLimiter(redis_client, redis_prefix), disabled()
+        {"box": config},
+        {"box": sandbox},
+        RateLimiter(redis_client, redis_prefix),
+        disabled(),
+        render_pool=pool,
     )
     return servicer, sandbox
 
 
 async def test_reply_to_headers_tags_and_unsubscribe_reach_the_adapter(
-    redis_client: aioredis.Redis, redis_prefix: str
+    redis_client: aioredis.Redis, redis_prefix: str, pool: RenderPool
 ) -> None:
-    servicer, sandbox = _servicer(redis_client, redis_prefix)
+    servicer, sandbox = _servicer(redis_client, redis_prefix, pool)
     request = sender_pb2.SendBatchRequest(
         provider="box",
         template=TEMPLATE,
@@ -113,13 +129,13 @@ async def test_reply_to_headers_tags_and_unsubscribe_reach_the_adapter(
 
 
 async def test_provider_throttled_and_unknown_have_their_statuses(
-    redis_client: aioredis.Redis, redis_prefix: str
+    redis_client: aioredis.Redis, redis_prefix: str, pool: RenderPool
 ) -> None:
     for injected, status in [
         ({"throttle_rate": 1.0, "throttle_retry_after": 3.0}, sender_pb2.SEND_OUTCOME_THROTTLED),
         ({"unknown_rate": 1.0}, sender_pb2.SEND_OUTCOME_UNKNOWN),
     ]:
-        servicer, _ = _servicer(redis_client, redis_prefix, **injected)
+        servicer, _ = _servicer(redis_client, redis_prefix, pool, **injected)
         reply = await servicer.SendBatch(
             sender_pb2.SendBatchRequest(provider="box", template=TEMPLATE, messages=[message(1)]),
             cast(Any, None),

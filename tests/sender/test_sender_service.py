@@ -16,6 +16,7 @@ from sluice.common.telemetry import disabled
 from sluice.sender import app
 from sluice.sender.providers.sandbox import SandboxLedger
 from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.render_pool import RenderPool
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -190,15 +191,20 @@ async def test_unreachable_provider_answers_provider_unavailable(
         burst=0,
         intents=frozenset({"marketing"}),
     )
+    pool = RenderPool(1)
     servicer = SenderServicer(
         {"fast": config},
         {"fast": cast(Any, _Unreachable())},
         RateLimiter(redis_client, redis_prefix),
         disabled(),
+        render_pool=pool,
     )
-    reply = await servicer.SendBatch(
-        sender_pb2.SendBatchRequest(provider="fast", template=TEMPLATE, messages=messages(3)),
-        cast(Any, None),
-    )
+    try:
+        reply = await servicer.SendBatch(
+            sender_pb2.SendBatchRequest(provider="fast", template=TEMPLATE, messages=messages(3)),
+            cast(Any, None),
+        )
+    finally:
+        await pool.aclose()
     assert [r.outcome for r in reply.results] == [sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE] * 3
     assert all(r.reason == "connection refused" for r in reply.results)

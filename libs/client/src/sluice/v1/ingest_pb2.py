@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sluice.v1 import events_pb2 as sluice_dot_v1_dot_events__pb2
 from sluice.v1 import intent_pb2 as sluice_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"\x88\x01\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.sluice.v1.SubmitOutcome\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"X\n\x19SubmitIntentStreamRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\x12\r\n\x05\x63hunk\x18\x02 \x01(\x03\"\x92\x01\n\x1aSubmitIntentStreamResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x03\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x05\x12\x12\n\nduplicates\x18\x04 \x01(\x05\x12\x10\n\x08rejected\x18\x05 \x01(\x05\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\"\xf3\x01\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Q\n\x14\x43\x61ncelIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x11\n\tcancelled\x18\x02 \x01(\x08\",\n\x15\x43\x61ncelCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelCampaignResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x03\x12\x0e\n\x06leased\x18\x02 \x01(\x03*\x86\x01\n\rSubmitOutcome\x12\x1e\n\x1aSUBMIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_OUTCOME_CREATED\x10\x01\x12\x1c\n\x18SUBMIT_OUTCOME_DUPLICATE\x10\x02\x12\x1b\n\x17SUBMIT_OUTCOME_REJECTED\x10\x03\x32\xd9\x04\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x65\n\x12SubmitIntentStream\x12$.sluice.v1.SubmitIntentStreamRequest\x1a%.sluice.v1.SubmitIntentStreamResponse(\x01\x30\x01\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponse\x12O\n\x0c\x43\x61ncelIntent\x12\x1e.sluice.v1.CancelIntentRequest\x1a\x1f.sluice.v1.CancelIntentResponse\x12U\n\x0e\x43\x61ncelCampaign\x12 .sluice.v1.CancelCampaignRequest\x1a!.sluice.v1.CancelCampaignResponseBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/events.proto\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"\x88\x01\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\x12)\n\x07outcome\x18\x04 \x01(\x0e\x32\x18.sluice.v1.SubmitOutcome\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"X\n\x19SubmitIntentStreamRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\x12\r\n\x05\x63hunk\x18\x02 \x01(\x03\"\x92\x01\n\x1aSubmitIntentStreamResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x03\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x05\x12\x12\n\nduplicates\x18\x04 \x01(\x05\x12\x10\n\x08rejected\x18\x05 \x01(\x05\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.sluice.v1.IntentEvent\"\xf3\x01\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Q\n\x14\x43\x61ncelIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x11\n\tcancelled\x18\x02 \x01(\x08\",\n\x15\x43\x61ncelCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelCampaignResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x03\x12\x0e\n\x06leased\x18\x02 \x01(\x03\"\x95\x01\n\x18WatchIntentEventsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12+\n\x05types\x18\x03 \x03(\x0e\x32\x1c.sluice.v1.DeliveryEventType\x12\x14\n\x0c\x61\x66ter_cursor\x18\x04 \x01(\t\"B\n\x19WatchIntentEventsResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.IntentEvent*\x86\x01\n\rSubmitOutcome\x12\x1e\n\x1aSUBMIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x1a\n\x16SUBMIT_OUTCOME_CREATED\x10\x01\x12\x1c\n\x18SUBMIT_OUTCOME_DUPLICATE\x10\x02\x12\x1b\n\x17SUBMIT_OUTCOME_REJECTED\x10\x03\x32\xbb\x05\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x65\n\x12SubmitIntentStream\x12$.sluice.v1.SubmitIntentStreamRequest\x1a%.sluice.v1.SubmitIntentStreamResponse(\x01\x30\x01\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponse\x12O\n\x0c\x43\x61ncelIntent\x12\x1e.sluice.v1.CancelIntentRequest\x1a\x1f.sluice.v1.CancelIntentResponse\x12U\n\x0e\x43\x61ncelCampaign\x12 .sluice.v1.CancelCampaignRequest\x1a!.sluice.v1.CancelCampaignResponse\x12`\n\x11WatchIntentEvents\x12#.sluice.v1.WatchIntentEventsRequest\x1a$.sluice.v1.WatchIntentEventsResponse0\x01\x42\x43\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,38 +35,42 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.ingest_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.sluice.v1P\001Z$sluice.dev/gen/go/sluice/v1;sluicev1\252\002\tSluice.V1'
-  _globals['_SUBMITOUTCOME']._serialized_start=1418
-  _globals['_SUBMITOUTCOME']._serialized_end=1552
-  _globals['_SUBMITINTENTREQUEST']._serialized_start=94
-  _globals['_SUBMITINTENTREQUEST']._serialized_end=160
-  _globals['_SUBMITINTENTRESPONSE']._serialized_start=162
-  _globals['_SUBMITINTENTRESPONSE']._serialized_end=241
-  _globals['_SUBMITINTENTSREQUEST']._serialized_start=243
-  _globals['_SUBMITINTENTSREQUEST']._serialized_end=311
-  _globals['_SUBMITINTENTRESULT']._serialized_start=314
-  _globals['_SUBMITINTENTRESULT']._serialized_end=450
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=452
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=523
-  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_start=525
-  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_end=613
-  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_start=616
-  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_end=762
-  _globals['_GETINTENTREQUEST']._serialized_start=764
-  _globals['_GETINTENTREQUEST']._serialized_end=794
-  _globals['_GETINTENTRESPONSE']._serialized_start=796
-  _globals['_GETINTENTRESPONSE']._serialized_end=855
-  _globals['_LISTINTENTSREQUEST']._serialized_start=858
-  _globals['_LISTINTENTSREQUEST']._serialized_end=1101
-  _globals['_LISTINTENTSRESPONSE']._serialized_start=1103
-  _globals['_LISTINTENTSRESPONSE']._serialized_end=1190
-  _globals['_CANCELINTENTREQUEST']._serialized_start=1192
-  _globals['_CANCELINTENTREQUEST']._serialized_end=1225
-  _globals['_CANCELINTENTRESPONSE']._serialized_start=1227
-  _globals['_CANCELINTENTRESPONSE']._serialized_end=1308
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1310
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1354
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1356
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1415
-  _globals['_INGESTSERVICE']._serialized_start=1555
-  _globals['_INGESTSERVICE']._serialized_end=2156
+  _globals['_SUBMITOUTCOME']._serialized_start=1702
+  _globals['_SUBMITOUTCOME']._serialized_end=1836
+  _globals['_SUBMITINTENTREQUEST']._serialized_start=118
+  _globals['_SUBMITINTENTREQUEST']._serialized_end=184
+  _globals['_SUBMITINTENTRESPONSE']._serialized_start=186
+  _globals['_SUBMITINTENTRESPONSE']._serialized_end=265
+  _globals['_SUBMITINTENTSREQUEST']._serialized_start=267
+  _globals['_SUBMITINTENTSREQUEST']._serialized_end=335
+  _globals['_SUBMITINTENTRESULT']._serialized_start=338
+  _globals['_SUBMITINTENTRESULT']._serialized_end=474
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=476
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=547
+  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_start=549
+  _globals['_SUBMITINTENTSTREAMREQUEST']._serialized_end=637
+  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_start=640
+  _globals['_SUBMITINTENTSTREAMRESPONSE']._serialized_end=786
+  _globals['_GETINTENTREQUEST']._serialized_start=788
+  _globals['_GETINTENTREQUEST']._serialized_end=818
+  _globals['_GETINTENTRESPONSE']._serialized_start=820
+  _globals['_GETINTENTRESPONSE']._serialized_end=919
+  _globals['_LISTINTENTSREQUEST']._serialized_start=922
+  _globals['_LISTINTENTSREQUEST']._serialized_end=1165
+  _globals['_LISTINTENTSRESPONSE']._serialized_start=1167
+  _globals['_LISTINTENTSRESPONSE']._serialized_end=1254
+  _globals['_CANCELINTENTREQUEST']._serialized_start=1256
+  _globals['_CANCELINTENTREQUEST']._serialized_end=1289
+  _globals['_CANCELINTENTRESPONSE']._serialized_start=1291
+  _globals['_CANCELINTENTRESPONSE']._serialized_end=1372
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1374
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1418
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1420
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1479
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_start=1482
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_end=1631
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_start=1633
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_end=1699
+  _globals['_INGESTSERVICE']._serialized_start=1839
+  _globals['_INGESTSERVICE']._serialized_end=2538
 # @@protoc_insertion_point(module_scope)

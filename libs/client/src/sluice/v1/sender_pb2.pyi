@@ -376,6 +376,15 @@ class ProviderCapacity(_message.Message):
     BURST_AVAILABLE_FIELD_NUMBER: _builtins.int
     BURST_FIELD_NUMBER: _builtins.int
     UNLIMITED_FIELD_NUMBER: _builtins.int
+    REQUEST_TOKENS_FIELD_NUMBER: _builtins.int
+    REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    REQUEST_BURST_AVAILABLE_FIELD_NUMBER: _builtins.int
+    REQUEST_BURST_FIELD_NUMBER: _builtins.int
+    DAILY_QUOTA_FIELD_NUMBER: _builtins.int
+    DAILY_USED_FIELD_NUMBER: _builtins.int
+    ADAPTIVE_FACTOR_FIELD_NUMBER: _builtins.int
+    PAUSED_FOR_FIELD_NUMBER: _builtins.int
+    PUBLISHED_REQUESTS_PER_SECOND_FIELD_NUMBER: _builtins.int
     provider: _builtins.str
     sustained_tokens: _builtins.float
     """Messages the sustained bucket would allow now."""
@@ -387,6 +396,28 @@ class ProviderCapacity(_message.Message):
     """Most messages in any one second."""
     unlimited: _builtins.bool
     """True when the provider has no rate limit."""
+    request_tokens: _builtins.float
+    """API requests the request bucket would allow now (a batch call is one request)."""
+    requests_per_second: _builtins.float
+    """Configured API requests per second; 0 when requests are not limited."""
+    request_burst_available: _builtins.int
+    """Requests the one-second request window would still allow now."""
+    request_burst: _builtins.int
+    """Most API requests in any one second; 0 when off."""
+    daily_quota: _builtins.int
+    """Messages allowed in any rolling 24 hours; 0 when there is no quota."""
+    daily_used: _builtins.int
+    """Messages granted in the last 24 hours, counted against daily_quota."""
+    adaptive_factor: _builtins.float
+    """Adaptive scale (0, 1] applied to the configured rates and bursts now; below 1 after
+    the provider throttled sends the limiter had granted, recovering gradually.
+    """
+    published_requests_per_second: _builtins.float
+    """A request rate the provider announced in its response headers; 0 when none."""
+    @_builtins.property
+    def paused_for(self) -> _duration_pb2.Duration:
+        """How long every sender holds off this provider because it asked to (its retry-after)."""
+
     def __init__(
         self,
         *,
@@ -396,10 +427,19 @@ class ProviderCapacity(_message.Message):
         burst_available: _builtins.int = ...,
         burst: _builtins.int = ...,
         unlimited: _builtins.bool = ...,
+        request_tokens: _builtins.float = ...,
+        requests_per_second: _builtins.float = ...,
+        request_burst_available: _builtins.int = ...,
+        request_burst: _builtins.int = ...,
+        daily_quota: _builtins.int = ...,
+        daily_used: _builtins.int = ...,
+        adaptive_factor: _builtins.float = ...,
+        paused_for: _duration_pb2.Duration | None = ...,
+        published_requests_per_second: _builtins.float = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["paused_for", b"paused_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "burst_available", b"burst_available", "provider", b"provider", "sustained_rate", b"sustained_rate", "sustained_tokens", b"sustained_tokens", "unlimited", b"unlimited"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adaptive_factor", b"adaptive_factor", "burst", b"burst", "burst_available", b"burst_available", "daily_quota", b"daily_quota", "daily_used", b"daily_used", "paused_for", b"paused_for", "provider", b"provider", "published_requests_per_second", b"published_requests_per_second", "request_burst", b"request_burst", "request_burst_available", b"request_burst_available", "request_tokens", b"request_tokens", "requests_per_second", b"requests_per_second", "sustained_rate", b"sustained_rate", "sustained_tokens", b"sustained_tokens", "unlimited", b"unlimited"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,6 +27,8 @@ from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call
 from sluice.ingest.validation import MAX_CAMPAIGN_LENGTH, Policy, check_text, check_time
+from sluice.ingest.webhooks import history
+from sluice.ingest.webhooks.watch import EventFeed
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -158,6 +160,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._coalescer = InsertCoalescer(
             lambda rows: suppression_repository.insert_intents(pool, rows)
         )
+        self._events = EventFeed(
+            pool, settings.database_url, max_streams=settings.watch_max_streams
+        )
 
     async def aclose(self) -> None:
         """Stops the background writers and the lag monitor."""
@@ -165,6 +170,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         with contextlib.suppress(asyncio.CancelledError):
             await self._lag_watch
         await self._coalescer.aclose()
+        await self._events.aclose()
 
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
@@ -274,7 +280,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         row = await db_call(repository.get_intent(self._pool, intent_id))
         if row is None:
             raise NotFound(f"intent {intent_id} does not exist")
-        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
+        events = await history.intent_events(self._pool, intent_id)
+        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row), events=events)
+
+    async def WatchIntentEvents(
+        self, request: ingest_pb2.WatchIntentEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.WatchIntentEventsResponse]:
+        async for response in self._events.watch(request):
+            yield response
 
     async def ListIntents(
         self, request: ingest_pb2.ListIntentsRequest, context: grpc.aio.ServicerContext

@@ -15,9 +15,11 @@ from sluice.common.providers import ProviderConfig, load_providers
 from sluice.common.redis import create_redis
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
+from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers import EmailProvider, build_adapters
 from sluice.sender.ratelimit import RateLimiter
+from sluice.sender.render_pool import RenderPool, render_budget
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -32,19 +34,26 @@ class SenderResources:
     redis: aioredis.Redis
     providers: Mapping[str, ProviderConfig]
     adapters: Mapping[str, EmailProvider]
+    render_pool: RenderPool
 
 
 async def open_resources(
     settings: SenderSettings, stack: contextlib.AsyncExitStack
 ) -> SenderResources:
-    """Opens Redis and every provider's adapter on ``stack`` (closed in reverse)."""
+    """Opens Redis, every provider's adapter and the render workers on ``stack`` (closed in
+    reverse)."""
     providers = {p.name: p for p in load_providers(settings.providers_file)}
     redis = await create_redis(settings.require_redis())
     stack.push_async_callback(redis.aclose)
     adapters = await build_adapters(
         providers.values(), stack, redis=redis, prefix=settings.redis_prefix
     )
-    return SenderResources(redis=redis, providers=providers, adapters=adapters)
+    render_pool = RenderPool(settings.render_workers, render_budget(settings))
+    stack.push_async_callback(render_pool.aclose)
+    await render_pool.start()
+    return SenderResources(
+        redis=redis, providers=providers, adapters=adapters, render_pool=render_pool
+    )
 
 
 def build(
@@ -70,6 +79,8 @@ def build(
         RateLimiter(resources.redis, settings.redis_prefix),
         telemetry,
         SenderMetrics(metrics),
+        render_pool=resources.render_pool,
+        checks=MessageChecks(settings.from_domains()),
     )
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, grpc_listener.server)
     return service

@@ -6,6 +6,13 @@ body is autoescaped: the subject and text body are not HTML, and escaping them w
 ``&amp;`` to readers. A subject that renders to something with a line break is refused,
 since a header value with CR/LF could inject headers.
 
+Budgets: a template is code written by someone we do not fully trust, so what it may cost
+is capped. Operators that can build huge values in one step (``'a' * 10**8``, ``x ** y``,
+``+`` of long strings) are checked before they run; output is produced piece by piece and
+stops at ``max_output_chars``. Time is capped by the caller: ``render_pool.RenderPool``
+runs renders in worker processes with a per-message timer, a memory limit and a hard kill,
+so no template can hold the event loop.
+
 Compiled templates are cached by (id, version) in a bounded LRU: a batch renders one
 template for many recipients, and compiling costs far more than rendering.
 """
@@ -15,10 +22,11 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import jinja2
 from jinja2.exceptions import SecurityError
+from jinja2.runtime import Context
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 # Errors a template can raise while rendering; all are the template's fault (permanent),
@@ -33,6 +41,8 @@ _TEMPLATE_FAULTS = (
     RecursionError,
 )
 _HEADER_BREAKS = ("\r", "\n", "\x00")
+DEFAULT_MAX_OUTPUT_CHARS = 1_000_000
+_SIZED = (str, bytes, list, tuple)
 
 
 class RenderError(ValueError):
@@ -90,20 +100,61 @@ class _Compiled:
     error: str = ""
 
 
-class Renderer:
-    """Renders templates with a bounded cache of compiled ones (``cache_size`` entries)."""
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus size checks on the operators that can allocate without bound.
 
-    def __init__(self, cache_size: int = 256) -> None:
+    Checking sizes before the operation matters: ``'a' * 10**8`` is one C call that
+    allocates 100 MB before any output-size check could see it.
+    """
+
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def __init__(self, *, autoescape: bool, max_output_chars: int) -> None:
+        super().__init__(
+            autoescape=autoescape, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
+        )
+        self.max_output_chars = max_output_chars
+
+    def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
+        cap = self.max_output_chars
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if isinstance(seq, _SIZED) and isinstance(times, int) and len(seq) * times > cap:
+                    raise SecurityError(f"'*' would build more than {cap} characters")
+        elif operator == "+":
+            sized = isinstance(left, _SIZED) and isinstance(right, _SIZED)
+            if sized and len(left) + len(right) > cap:
+                raise SecurityError(f"'+' would build more than {cap} characters")
+        elif (
+            isinstance(left, int)
+            and isinstance(right, int)
+            and right > 0
+            and abs(left) > 1
+            and left.bit_length() * right > cap * 4
+        ):
+            # A number of more than ~cap digits is as costly as a string of cap characters.
+            raise SecurityError(f"'**' would build a number of more than {cap} digits")
+        return super().call_binop(context, operator, left, right)
+
+
+class Renderer:
+    """Renders templates with a bounded cache of compiled ones (``cache_size`` entries).
+
+    ``max_output_chars`` caps each message's subject, HTML and text together.
+    """
+
+    def __init__(
+        self, cache_size: int = 256, max_output_chars: int = DEFAULT_MAX_OUTPUT_CHARS
+    ) -> None:
         if cache_size < 1:
             raise ValueError("cache_size must be at least 1")
+        if max_output_chars < 1:
+            raise ValueError("max_output_chars must be at least 1")
         self._cache_size = cache_size
+        self._max_output = max_output_chars
         self._cache: OrderedDict[tuple[str, int], _Compiled] = OrderedDict()
-        self._html_env = ImmutableSandboxedEnvironment(
-            autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
-        )
-        self._plain_env = ImmutableSandboxedEnvironment(
-            autoescape=False, undefined=jinja2.StrictUndefined, keep_trailing_newline=True
-        )
+        self._html_env = _BudgetedSandbox(autoescape=True, max_output_chars=max_output_chars)
+        self._plain_env = _BudgetedSandbox(autoescape=False, max_output_chars=max_output_chars)
 
     def render(self, template: TemplateLike, variables: Mapping[str, str]) -> RenderedMessage:
         """Renders one message; raises ``RenderError`` saying what is wrong."""
@@ -115,13 +166,22 @@ class Renderer:
             raise RenderError(compiled.error)
         context = dict(variables)
         parts = []
+        budget = self._max_output
         for part, tmpl in zip(
             ("subject", "html_body", "text_body"), compiled.templates, strict=True
         ):
             try:
-                parts.append(tmpl.render(context))
+                text = _render_capped(tmpl, context, budget)
             except _TEMPLATE_FAULTS as exc:
                 raise RenderError(f"{part}: {_describe(exc)}") from exc
+            except MemoryError as exc:
+                # Raised under the worker's memory limit by a C-level allocation the
+                # operator checks cannot see (a filter padding to a huge width).
+                raise RenderError(f"{part}: exceeds the render memory budget") from exc
+            if text is None:
+                raise RenderError(f"output exceeds {self._max_output} characters")
+            budget -= len(text)
+            parts.append(text)
         subject, html, text = parts
         if any(ch in subject for ch in _HEADER_BREAKS):
             raise RenderError("subject contains a line break or NUL after rendering")
@@ -155,6 +215,18 @@ class Renderer:
         except _TEMPLATE_FAULTS as exc:
             return _Compiled(sources, None, f"{current}: {_describe(exc)}")
         return _Compiled(sources, (subject_t, html_t, text_t))
+
+
+def _render_capped(tmpl: jinja2.Template, context: dict[str, str], budget: int) -> str | None:
+    """The rendered text, or None once it would exceed ``budget`` characters: output is
+    generated piece by piece, so a loop that prints forever stops at the cap."""
+    pieces: list[str] = []
+    for piece in tmpl.generate(context):
+        budget -= len(piece)
+        if budget < 0:
+            return None
+        pieces.append(piece)
+    return "".join(pieces)
 
 
 def _describe(exc: BaseException) -> str:

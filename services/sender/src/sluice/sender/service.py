@@ -2,7 +2,9 @@
 
 Every message of a ``SendBatch`` gets exactly one result, in request order. What the rate
 limits do not allow now comes back THROTTLED with a retry-after; it is never an error and
-never dropped.
+never dropped. Rendering runs in worker processes under budgets (``render_pool``), and every
+message is checked (``checks``) right before it would be handed to the provider: a message
+that fails either is a permanent failure and is never sent.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -20,10 +22,12 @@ from sluice.common.logging import redact_email
 from sluice.common.metrics import disabled_metrics
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
+from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
-from sluice.sender.ratelimit import RateLimiter
-from sluice.sender.render import RenderError, Template, render
+from sluice.sender.ratelimit import Grant, RateLimiter, jittered
+from sluice.sender.render import RenderError, Template
+from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 
 log = logging.getLogger("sluice.sender")
@@ -58,12 +62,17 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         limiter: RateLimiter,
         telemetry: Telemetry,
         metrics: SenderMetrics | None = None,
+        *,
+        render_pool: RenderPool,
+        checks: MessageChecks | None = None,
     ) -> None:
         self._providers = providers
         self._adapters = adapters
         self._limiter = limiter
         self._telemetry = telemetry
         self._metrics = metrics if metrics is not None else SenderMetrics(disabled_metrics())
+        self._render_pool = render_pool
+        self._checks = checks or MessageChecks()
 
     def _provider(self, name: str) -> ProviderConfig:
         if not name:
@@ -101,49 +110,60 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             variables=tuple(request.template.variables),
             from_address=request.template.from_address,
         )
-        grant = await self._limiter.acquire(config, len(messages))
+        # Render and check only what the limits would allow now, then reserve exactly the
+        # messages that can go: the reservation is taken right before the provider call,
+        # so rendering time never sits between a grant and the send, and refused or
+        # unrenderable messages spend no tokens. Both calls raise Unavailable (with a
+        # retry-after) when Redis is down: nothing is sent then.
+        preview = await self._limiter.preview(config, len(messages))
+        results: list[sender_pb2.SendResult | None] = [None] * len(messages)
+        self._throttle(results, messages, range(preview.granted, len(messages)), preview)
+
+        candidates: list[tuple[int, OutboundEmail]] = []
+        rendered = await self._render_pool.render(
+            template, [messages[i].variables for i in range(preview.granted)]
+        )
+        for i, out in enumerate(rendered):
+            msg = messages[i]
+            if isinstance(out, RenderError):
+                results[i] = _permanent(msg.intent_id, f"render: {out}")
+                continue
+            email = OutboundEmail(
+                intent_id=msg.intent_id,
+                recipient=msg.recipient,
+                from_address=template.from_address,
+                subject=out.subject,
+                html=out.html,
+                text=out.text,
+                idempotency_key=msg.idempotency_key,
+                reply_to=msg.reply_to or request.template.reply_to,
+                headers=tuple({**request.template.headers, **msg.headers}.items()),
+                tags=tuple(msg.tags.items()),
+                list_unsubscribe_url=msg.list_unsubscribe_url,
+            )
+            refusal = self._checks.refusal(
+                intent_id=email.intent_id,
+                idempotency_key=email.idempotency_key,
+                recipient=email.recipient,
+                from_address=email.from_address,
+                subject=email.subject,
+                reply_to=email.reply_to,
+                headers=email.all_headers(),
+                tags=email.all_tags(),
+            )
+            if refusal is not None:
+                results[i] = _permanent(msg.intent_id, f"refused: {refusal}")
+                continue
+            candidates.append((i, email))
+
+        grant = await self._limiter.acquire(config, len(candidates))
         if grant.tokens_left is not None or grant.granted < len(messages):
             self._metrics.observe_grant(
                 config.name, len(messages), grant.granted, grant.tokens_left or 0.0
             )
-        results: list[sender_pb2.SendResult | None] = [None] * len(messages)
-        for i in range(grant.granted, len(messages)):
-            results[i] = sender_pb2.SendResult(
-                intent_id=messages[i].intent_id,
-                outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
-                retry_after=duration_from_seconds(grant.retry_after),
-            )
-
-        outbound: list[tuple[int, OutboundEmail]] = []
-        for i in range(grant.granted):
-            msg = messages[i]
-            try:
-                rendered = render(template, msg.variables)
-            except RenderError as exc:
-                results[i] = sender_pb2.SendResult(
-                    intent_id=msg.intent_id,
-                    outcome=sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
-                    reason=f"render: {exc}",
-                )
-                continue
-            outbound.append(
-                (
-                    i,
-                    OutboundEmail(
-                        intent_id=msg.intent_id,
-                        recipient=msg.recipient,
-                        from_address=template.from_address,
-                        subject=rendered.subject,
-                        html=rendered.html,
-                        text=rendered.text,
-                        idempotency_key=msg.idempotency_key,
-                        reply_to=msg.reply_to or request.template.reply_to,
-                        headers=tuple({**request.template.headers, **msg.headers}.items()),
-                        tags=tuple(msg.tags.items()),
-                        list_unsubscribe_url=msg.list_unsubscribe_url,
-                    ),
-                )
-            )
+        outbound = candidates[: grant.granted]
+        # Another replica took the room between preview and reservation.
+        self._throttle(results, messages, [i for i, _ in candidates[grant.granted :]], grant)
 
         # The adapter splits into its provider's batch shape itself (see providers.base).
         adapter = self._adapters[config.name]
@@ -169,10 +189,33 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                         "reason": result.reason,
                     },
                 )
+        throttled = [r.retry_after for r in sent if r.outcome == "throttled"]
+        if throttled:
+            # The provider refused what the limiter granted: slow every replica down. Never
+            # fail the call for it: the other messages were sent and must be answered.
+            try:
+                await self._limiter.report_throttled(config, retry_after=max(throttled))
+            except Unavailable as exc:
+                log.warning("could not report a throttle", extra={"error": str(exc)})
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
+
+    @staticmethod
+    def _throttle(
+        results: list[sender_pb2.SendResult | None],
+        messages: Sequence[sender_pb2.OutboundMessage],
+        indices: Iterable[int],
+        grant: Grant,
+    ) -> None:
+        retry_after = duration_from_seconds(jittered(grant.retry_after))
+        for i in indices:
+            results[i] = sender_pb2.SendResult(
+                intent_id=messages[i].intent_id,
+                outcome=sender_pb2.SEND_OUTCOME_THROTTLED,
+                retry_after=retry_after,
+            )
 
     async def _send(
         self, adapter: EmailProvider, emails: Sequence[OutboundEmail]
@@ -236,6 +279,21 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                     burst_available=cap.burst_available,
                     burst=cap.burst,
                     unlimited=cap.unlimited,
+                    request_tokens=cap.request_tokens,
+                    requests_per_second=cap.requests_per_second,
+                    request_burst_available=cap.request_burst_available,
+                    request_burst=cap.request_burst,
+                    daily_quota=cap.daily_quota,
+                    daily_used=cap.daily_used,
+                    adaptive_factor=cap.factor,
+                    paused_for=duration_from_seconds(cap.paused_for),
+                    published_requests_per_second=cap.published_rps,
                 )
             )
         return sender_pb2.GetCapacityResponse(providers=out)
+
+
+def _permanent(intent_id: str, reason: str) -> sender_pb2.SendResult:
+    return sender_pb2.SendResult(
+        intent_id=intent_id, outcome=sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE, reason=reason
+    )

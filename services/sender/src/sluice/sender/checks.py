@@ -1,0 +1,166 @@
+"""What the sender refuses to put on the wire, whoever asked it to.
+
+``SendBatch`` is reachable by anything that can reach the sender (and, with tokens, by any
+holder of the ``send`` scope), so it trusts nothing in a request. Every address and every
+header value of a message is checked here, once, right before the message would be handed
+to a provider; a refused message gets a permanent result naming the field and is never
+sent. The rules:
+
+- Recipient: one bare address (no display name), valid per email-validator, internationalised
+  addresses allowed.
+- From and reply-to: one address, optionally with a display name; the from-address's domain
+  must be one of ``from_domains`` when that list is set (otherwise anyone able to call the
+  sender could send as any domain the provider account is verified for).
+- Every header value (subject after rendering, from, reply-to, recipient, custom headers, tags,
+  the intent id and idempotency key, which adapters put into headers and tags): no control
+  characters at all (C0, DEL, C1) and no Unicode line or paragraph separators, since mail and
+  HTTP libraries split lines on more than CR/LF; and no RFC 2047 encoded words, which mail
+  libraries decode (CR/LF included) before writing the header out. Values are length-capped.
+- Custom header names: RFC 5322 field-name characters only, ``X-`` headers plus a short
+  allow-list; never one that changes who receives the message or who it claims to be from.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from email_validator import EmailNotValidError, validate_email
+
+# Characters a header value may never carry: every C0 control but TAB, DEL, every C1
+# control (NEL U+0085 among them), and the Unicode line/paragraph separators.
+_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+# An RFC 2047 encoded word. Mail libraries decode these when they parse a header value and
+# re-encode on output: Python's email package turned "=?utf-8?q?=0D=0ABcc:_x?=" in a
+# custom header into a real CR LF Bcc line at the SMTP sink (found by the provider fuzz
+# test). Values are Unicode here, so nobody needs to pre-encode; adapters encode.
+# Matched loosely (any "=?" ... "?="): the parser decoded words with spaces inside too.
+_ENCODED_WORD = re.compile(r"=\?.*\?=")
+# RFC 5322 field-name: printable US-ASCII except colon.
+_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
+_ALLOWED_HEADERS = frozenset(
+    {
+        "list-unsubscribe",
+        "list-unsubscribe-post",
+        "list-id",
+        "list-help",
+        "feedback-id",
+        "precedence",
+        "auto-submitted",
+        "x-entity-ref-id",
+    }
+)
+_NEVER_X = frozenset({"x-original-to", "x-forwarded-to", "x-sender", "x-envelope-to"})
+MAX_SUBJECT = 998  # RFC 5322's line limit; a longer subject is folded noise
+MAX_HEADER_VALUE = 2000
+MAX_ID = 256  # Resend's Idempotency-Key limit, and plenty for an intent id
+
+
+class Refused(ValueError):
+    """The message must not be sent; ``str()`` names the field and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class MessageChecks:
+    """The checks, configured: ``from_domains`` (lower-case ASCII domains) limits the
+    from-address to those domains; empty allows any valid one."""
+
+    from_domains: frozenset[str] = frozenset()
+
+    def refusal(
+        self,
+        *,
+        intent_id: str,
+        idempotency_key: str,
+        recipient: str,
+        from_address: str,
+        subject: str,
+        reply_to: str = "",
+        headers: Iterable[tuple[str, str]] = (),
+        tags: Iterable[tuple[str, str]] = (),
+    ) -> str | None:
+        """Why this message may not be sent, or None when everything checks out."""
+        try:
+            self.check(
+                intent_id=intent_id,
+                idempotency_key=idempotency_key,
+                recipient=recipient,
+                from_address=from_address,
+                subject=subject,
+                reply_to=reply_to,
+                headers=headers,
+                tags=tags,
+            )
+        except Refused as exc:
+            return str(exc)
+        return None
+
+    def check(
+        self,
+        *,
+        intent_id: str,
+        idempotency_key: str,
+        recipient: str,
+        from_address: str,
+        subject: str,
+        reply_to: str = "",
+        headers: Iterable[tuple[str, str]] = (),
+        tags: Iterable[tuple[str, str]] = (),
+    ) -> None:
+        """Raises ``Refused`` for the first field that may not go on the wire."""
+        if not intent_id:
+            raise Refused("intent_id: required")
+        header_value("intent_id", intent_id, MAX_ID)
+        header_value("idempotency_key", idempotency_key, MAX_ID)
+        address("recipient", recipient, display_name=False)
+        domain = address("from_address", from_address, display_name=True)
+        if self.from_domains and domain not in self.from_domains:
+            raise Refused(f"from_address: domain {domain!r} is not one this sender may send from")
+        if reply_to:
+            address("reply_to", reply_to, display_name=True)
+        header_value("subject", subject, MAX_SUBJECT)
+        for name, value in headers:
+            header_name(name)
+            header_value(f"headers[{name}]", value, MAX_HEADER_VALUE)
+        for key, value in tags:
+            header_value("tags", key, MAX_ID)
+            header_value(f"tags[{key}]", value, MAX_ID)
+
+
+def header_value(field: str, value: str, limit: int) -> None:
+    """Refuses control characters, line separators and values longer than ``limit``."""
+    bad = _FORBIDDEN.search(value)
+    if bad is not None:
+        raise Refused(f"{field}: contains the control character U+{ord(bad.group()):04X}")
+    if _ENCODED_WORD.search(value):
+        raise Refused(f"{field}: contains an RFC 2047 encoded word (=?charset?q?...?=)")
+    if len(value) > limit:
+        raise Refused(f"{field}: longer than {limit} characters")
+
+
+def header_name(name: str) -> None:
+    """Refuses malformed names and any header outside ``X-*`` and the allow-list."""
+    if not _HEADER_NAME.match(name):
+        raise Refused(f"headers: {name!r} is not a valid header name")
+    lower = name.lower()
+    if lower in _NEVER_X or not (lower.startswith("x-") or lower in _ALLOWED_HEADERS):
+        raise Refused(f"headers: {name!r} may not be set by a message")
+
+
+def address(field: str, value: str, *, display_name: bool) -> str:
+    """Validates one address (and display name where allowed); returns its lower-cased
+    ASCII domain."""
+    if not value:
+        raise Refused(f"{field}: required")
+    header_value(field, value, MAX_HEADER_VALUE)
+    try:
+        result = validate_email(
+            value,
+            check_deliverability=False,
+            allow_smtputf8=True,
+            allow_display_name=display_name,
+        )
+    except EmailNotValidError as exc:
+        raise Refused(f"{field}: {exc}") from exc
+    return str(result.ascii_domain).lower()
