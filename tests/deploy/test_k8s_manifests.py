@@ -144,6 +144,7 @@ def test_expected_resources_exist_in_the_namespace() -> None:
         ("NetworkPolicy", "sluice-router"),
         ("NetworkPolicy", "sluice-sender"),
         ("NetworkPolicy", "sluice-migrate"),
+        ("NetworkPolicy", "sluice-partitions"),
         ("HorizontalPodAutoscaler", "sluice-ingest"),
         ("HorizontalPodAutoscaler", "sluice-router"),
         ("HorizontalPodAutoscaler", "sluice-sender"),
@@ -227,7 +228,7 @@ def test_every_pod_is_covered_by_a_network_policy_and_the_sender_only_by_routers
             "ports": [{"protocol": "TCP", "port": 50053}],
         }
     ]
-    for component in (*COMPONENTS, "migrate"):
+    for component in (*COMPONENTS, "migrate", "partitions"):
         assert any(
             p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
             == component
