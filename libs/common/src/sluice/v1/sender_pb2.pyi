@@ -39,6 +39,10 @@ class _SendOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SendOutco
     """Not handed to the provider: it, or what the sender needs to reach it, could not be
     reached. Try again later; it is not an attempt, but it says the provider is unhealthy.
     """
+    SEND_OUTCOME_UNKNOWN: _SendOutcome.ValueType  # 6
+    """The request may have reached the provider, but no answer came back (a timeout after
+    sending, a cut connection): it may or may not have been accepted.
+    """
 
 class SendOutcome(_SendOutcome, metaclass=_SendOutcomeEnumTypeWrapper): ...
 
@@ -54,6 +58,10 @@ SEND_OUTCOME_PERMANENT_FAILURE: SendOutcome.ValueType  # 4
 SEND_OUTCOME_PROVIDER_UNAVAILABLE: SendOutcome.ValueType  # 5
 """Not handed to the provider: it, or what the sender needs to reach it, could not be
 reached. Try again later; it is not an attempt, but it says the provider is unhealthy.
+"""
+SEND_OUTCOME_UNKNOWN: SendOutcome.ValueType  # 6
+"""The request may have reached the provider, but no answer came back (a timeout after
+sending, a cut connection): it may or may not have been accepted.
 """
 Global___SendOutcome: _TypeAlias = SendOutcome  # noqa: Y015
 
