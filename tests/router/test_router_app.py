@@ -103,7 +103,8 @@ async def test_running_router_sends_and_reports_over_grpc(
     orphan = await seed(pg_pool, ["ok@example.com"], kind="transactional")
     async with running(settings, disabled(), port=0) as handle:
         await wait_for_status(pg_pool, ok, "sent")
-        await wait_for_status(pg_pool, orphan, "failed")
+        # Only a disabled provider serves it: it waits instead of failing.
+        await wait_for_status(pg_pool, orphan, "pending")
         await wait_for_status(pg_pool, throttled, "pending")
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
@@ -117,7 +118,7 @@ async def test_running_router_sends_and_reports_over_grpc(
     assert counts == {
         (intent_pb2.INTENT_STATUS_SENT, intent_pb2.INTENT_MARKETING, "cheap"): 5,
         (intent_pb2.INTENT_STATUS_PENDING, intent_pb2.INTENT_MARKETING, "cheap"): 1,
-        (intent_pb2.INTENT_STATUS_FAILED, intent_pb2.INTENT_TRANSACTIONAL, ""): 1,
+        (intent_pb2.INTENT_STATUS_PENDING, intent_pb2.INTENT_TRANSACTIONAL, ""): 1,
     }
     assert stats.due == 0  # the throttled one waits for its retry-after
     assert stats.oldest_due_age.seconds == 0
@@ -136,7 +137,7 @@ async def test_running_router_sends_and_reports_over_grpc(
     assert sorted(m.intent_id for m in fake.sent()) == sorted(str(i) for i in ok + throttled)
 
 
-async def test_leaving_running_releases_leases_of_unfinished_rounds(
+async def test_leaving_running_settles_unfinished_rounds_without_releasing_sent_ones(
     settings: RouterSettings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
 ) -> None:
     fake.block = asyncio.Event()
@@ -148,8 +149,10 @@ async def test_leaving_running_releases_leases_of_unfinished_rounds(
         started = asyncio.get_running_loop().time()
     # Bounded by the grace period (0.5 s), plus a little for the release itself.
     assert asyncio.get_running_loop().time() - started < 3.0
+    # The call reached the sender, so its outcome is unknown: an attempt, never a release.
     for row in (await rows(pg_pool, ids)).values():
-        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 0, None)
+        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 1, None)
+        assert "round cancelled" in row["last_error"]
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import disabled
 from sluice.router.dispatch import Dispatcher
-from sluice.router.routing import ThrottlePacer
+from sluice.router.pacing import LocalPacer as ThrottlePacer
 from sluice.router.settings import RouterSettings
 from sluice.sender import app as sender_app
 from sluice.sender.settings import SenderSettings

@@ -12,6 +12,7 @@ import grpc
 from sluice.common.db import create_pool
 from sluice.common.grpcserver import MAX_MESSAGE_BYTES, ServerHandle, build_server
 from sluice.common.providers import load_providers
+from sluice.common.redis import create_redis
 from sluice.common.telemetry import Telemetry
 from sluice.router.dispatch import Dispatcher
 from sluice.router.health import ProviderHealthTracker
@@ -63,6 +64,10 @@ async def running(
         )
         stack.push_async_callback(channel.close)
         health = ProviderHealthTracker(providers)
+        # Redis only shares throttle pacing between routers; without it each paces alone.
+        redis = await create_redis(settings.redis_url, check=False) if settings.redis_url else None
+        if redis is not None:
+            stack.push_async_callback(redis.aclose)
         dispatcher = Dispatcher(
             settings,
             pool,
@@ -71,6 +76,7 @@ async def running(
             providers,
             telemetry,
             health=health,
+            redis=redis,
         )
         handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
         router_pb2_grpc.add_RouterServiceServicer_to_server(
