@@ -382,6 +382,7 @@ class Dispatcher:
                 unknown = MessageOutcome(sender_pb2.SEND_OUTCOME_UNKNOWN, reason=CANCELLED_REASON)
                 cut = BatchOutcome(batch.provider, {str(i.id): unknown for i in intents})
                 r.completions.extend(await self._resolve(batch, cut))
+                self.stats.unknown[batch.provider] += len(intents)
             done = {c.intent_id for c in r.completions}
             rest = [i for i in r.leased if i not in done]
             if r.completions:
