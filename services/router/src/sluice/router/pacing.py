@@ -19,11 +19,14 @@ re-leased at the provider's rate, not R times that.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 __all__ = ["LocalPacer", "Pacer", "RedisPacer", "pace_key"]
+
+log = logging.getLogger("sluice.router.pacing")
 
 DEFAULT_HEADROOM = 1.5
 # A round never waits longer than this for Redis: pacing locally is better than stalling.
@@ -95,11 +98,12 @@ local spread = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 local start = math.max(earliest, nxt)
 local limit = earliest + spread
-if start > limit then return {tostring(start), 0} end
+if start > limit then return {string.format('%d', start), 0} end
 local room = math.min(n, math.floor((limit - start) / interval) + 1)
-redis.call('SET', KEYS[1], tostring(start + room * interval), 'PX',
+-- %d, not tostring: Lua prints numbers this large as 1.79e+15, which loses microseconds
+redis.call('SET', KEYS[1], string.format('%d', start + room * interval), 'PX',
            math.floor(spread / 1000) + 60000)
-return {tostring(start), room}
+return {string.format('%d', start), room}
 """
 
 
@@ -142,8 +146,9 @@ class RedisPacer:
                 ),
                 REDIS_TIMEOUT_SECONDS,
             )
+            start = datetime.fromtimestamp(int(start_raw) / _MICROS, UTC)
         except Exception:  # noqa: BLE001 - any Redis failure: pace locally instead
+            log.warning("pacing %s locally: Redis did not answer", provider, exc_info=True)
             return await self._local.reserve(provider, earliest, n)
-        start = datetime.fromtimestamp(int(start_raw) / _MICROS, UTC)
         limit = earliest + timedelta(seconds=self._max_spread)
         return _slots(max(start, earliest), n, int(room), interval, limit)
