@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -264,3 +265,27 @@ def test_circuit_opens_on_latency_and_per_kind() -> None:
     assert circuits.state("ses", "digest") is CircuitState.OPEN
     assert circuits.state("ses") is CircuitState.OPEN
     assert circuits.state("ses", "marketing") is CircuitState.CLOSED
+
+
+def test_throttled_transactional_is_never_queued_behind_paced_slots() -> None:
+    late = Timing(
+        throttle_due=lambda provider, earliest: earliest + timedelta(seconds=100),
+        hold_seconds=lambda t: 1.0,
+    )
+    marketing = intent()
+    urgent = dataclasses.replace(marketing, id=uuid.uuid4(), kind="transactional")
+    out = {}
+    for i in (marketing, urgent):
+        out[i.kind] = resolve_message(
+            i,
+            "ses",
+            MessageOutcome(sender_pb2.SEND_OUTCOME_THROTTLED, retry_after=1.0),
+            now=NOW,
+            policy=POLICY,
+            rng=random.Random(1),
+            timing=late,
+        )
+    assert out["marketing"].due_at is not None
+    assert out["transactional"].due_at is not None
+    assert out["marketing"].due_at >= NOW + timedelta(seconds=100)
+    assert out["transactional"].due_at <= NOW + timedelta(seconds=1.2)

@@ -37,7 +37,7 @@ from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
 from sluice.router.circuit import CircuitBreakers
 from sluice.router.health import ProviderHealthTracker
-from sluice.router.outcomes import RetryPolicy, resolve_batch
+from sluice.router.outcomes import URGENT_KIND, RetryPolicy, resolve_batch
 from sluice.router.pacing import LocalPacer, Pacer, RedisPacer
 from sluice.router.provider_state import OutageClock, ProviderState
 from sluice.router.repository import Completion, LeasedIntent
@@ -64,6 +64,7 @@ ERROR_PAUSE_CAP_SECONDS = 30.0
 RECLAIM_CHUNK = 1000
 SETTLE_TIMEOUT_SECONDS = 5.0
 CANCELLED_REASON = "round cancelled while SendBatch was in flight"
+_NO_OUTCOME = MessageOutcome(sender_pb2.SEND_OUTCOME_UNKNOWN)
 
 
 @dataclass
@@ -365,7 +366,14 @@ class Dispatcher:
         if recovered:
             await self._release_held(recovered)
         now = datetime.now(UTC)
-        timing = await self.state.timing(outcome, now)
+        paced = sum(
+            1
+            for i in batch.intents
+            if i.kind != URGENT_KIND
+            and outcome.messages.get(str(i.id), _NO_OUTCOME).outcome
+            == sender_pb2.SEND_OUTCOME_THROTTLED
+        )
+        timing = await self.state.timing(outcome, now, paced)
         completions = resolve_batch(
             batch.intents, outcome, now=now, policy=self._policy, rng=self._rng, timing=timing
         )

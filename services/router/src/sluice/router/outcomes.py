@@ -48,6 +48,8 @@ __all__ = [
 SENDER_TARGET = "<sender>"
 # held_for of an intent whose outcome was unknown, under the ``hold`` policy
 RECONCILE = "reconcile"
+# the kind whose throttled intents are not paced (see resolve_message)
+URGENT_KIND = "transactional"
 
 # Without a retry-after from the sender, a throttled intent still waits this long, so a
 # sender bug cannot make the router spin on the same rows.
@@ -198,7 +200,11 @@ def resolve_message(
             intent_id=intent.id,
             status="pending",
             provider=provider,
-            due_at=timing.throttle_due(provider, earliest),
+            # Transactional intents are few and urgent: they come back at the retry-after,
+            # never queued behind a marketing backlog's slots.
+            due_at=earliest
+            if intent.kind == URGENT_KIND
+            else timing.throttle_due(provider, earliest),
             attempted=False,
             outcome=outcome,
         )

@@ -147,7 +147,7 @@ class RedisPacer:
                 REDIS_TIMEOUT_SECONDS,
             )
             start = datetime.fromtimestamp(int(start_raw) / _MICROS, UTC)
-        except Exception:
+        except Exception:  # any Redis failure or odd reply: pace locally instead
             log.warning("pacing %s locally: Redis did not answer", provider, exc_info=True)
             return await self._local.reserve(provider, earliest, n)
         limit = earliest + timedelta(seconds=self._max_spread)

@@ -143,10 +143,10 @@ class ProviderState:
         down = {name for name in self.providers if self.outages.is_down(name)}
         return frozenset(down | self.circuits.open_providers(kind))
 
-    async def timing(self, outcome: BatchOutcome, now: datetime) -> Timing:
-        """Due times for the throttled messages of ``outcome`` (reserved from the pacer in
-        one go, so they follow one another at the provider's rate) and outage holds."""
-        throttled = outcome.count(_THROTTLED)
+    async def timing(self, outcome: BatchOutcome, now: datetime, paced: int) -> Timing:
+        """Due times for the ``paced`` throttled messages of ``outcome`` (reserved from the
+        pacer in one go, so they follow one another at the provider's rate) and holds."""
+        throttled = min(paced, outcome.count(_THROTTLED))
         slots: list[datetime] = []
         if throttled:
             earliest = now + timedelta(
