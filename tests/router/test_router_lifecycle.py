@@ -19,6 +19,7 @@ import pytest
 
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import disabled
+from sluice.common.templates import TemplateCache
 from sluice.router import repository
 from sluice.router.dispatch import Dispatcher
 from sluice.router.outcomes import RECONCILE, SENDER_TARGET
@@ -353,3 +354,27 @@ async def test_lease_gives_a_small_campaign_its_share_beside_a_huge_one(
         pg_pool, lease_id=uuid.uuid4(), limit=50, lease_seconds=30, campaign_share=0.5
     )
     assert len(alone) == 50
+
+
+async def test_a_round_whose_lease_grew_too_old_sends_nothing_and_gives_it_back(
+    pg_dsn: str,
+    pg_pool: asyncpg.Pool,
+    template: str,
+    fake: FakeSender,
+    channel: grpc.aio.Channel,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    ids = await seed(pg_pool, ["ok1@example.com", "ok2@example.com"])
+    real_get_many = TemplateCache.get_many
+
+    async def stalled(self: TemplateCache, template_ids: Any) -> Any:
+        await asyncio.sleep(0.8)  # a paused or starved process: past the lease's margin
+        return await real_get_many(self, template_ids)
+
+    monkeypatch.setattr(TemplateCache, "get_many", stalled)
+    dispatcher = make(pg_dsn, pg_pool, channel, lease_seconds=1.0, sender_timeout_seconds=0.5)
+    await dispatcher.run_round()
+    assert fake.calls == []  # another router may own these by now: never send them
+    assert dispatcher.stats.lease_too_old == 2
+    for row in (await rows(pg_pool, ids)).values():
+        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 0, None)
