@@ -80,7 +80,8 @@ SELECT id, idempotency_key, payload_hash FROM intents WHERE idempotency_key = AN
 _INTENT_COLUMNS = """
     id, idempotency_key, campaign_id, recipient, kind::text AS kind, priority, template_id,
     variables, send_at, deadline, due_at, status::text AS status, provider,
-    provider_message_id, attempts, last_error, traceparent, created_at, updated_at
+    provider_message_id, attempts, last_error, traceparent, created_at, updated_at,
+    route_reason, route_cost, held_for
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
@@ -178,6 +179,10 @@ class IntentRow:
     traceparent: str | None
     created_at: datetime
     updated_at: datetime
+    # the router's latest decision (migration 0003)
+    route_reason: str | None = None
+    route_cost: float | None = None
+    held_for: str | None = None
 
 
 def _json_text(variables: Mapping[str, str]) -> str:
@@ -278,6 +283,9 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         traceparent=rec["traceparent"],
         created_at=rec["created_at"],
         updated_at=rec["updated_at"],
+        route_reason=rec["route_reason"],
+        route_cost=rec["route_cost"],
+        held_for=rec["held_for"],
     )
 
 

@@ -85,7 +85,8 @@ async def running(
         )
         handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
         router_pb2_grpc.add_RouterServiceServicer_to_server(
-            RouterServicer(pool, providers, health), handle.server
+            RouterServicer(pool, providers, health, dispatcher.state, dispatcher.book),
+            handle.server,
         )
         await handle.start(settings.listen_host, settings.router_port if port is None else port)
         stack.push_async_callback(_shutdown, handle, dispatcher, settings.shutdown_grace_seconds)

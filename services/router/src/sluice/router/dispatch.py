@@ -126,7 +126,7 @@ class Dispatcher:
         self.stats = DispatchStats()
         self._pool = pool
         self._client = SenderClient(sender, timeout=settings.sender_timeout_seconds)
-        self._book = RoundBook(pool, providers, self.state, self._rng, settings)
+        self.book = RoundBook(pool, providers, self.state, self._rng, settings)
         self._tracing = RoundTracing(telemetry)
         self._templates = templates if templates is not None else TemplateCache(pool)
         self._policy = RetryPolicy.from_settings(settings)
@@ -309,14 +309,14 @@ class Dispatcher:
             # Sends skipped because the lease grew too old: give back what is still ours.
             rest = [i for i in r.leased if i not in done]
             self.stats.released += await repository.release(self._pool, lease_id=lease_id, ids=rest)
-        await self._book.after_write(r.completions, r.leased)
+        await self.book.after_write(r.completions, r.leased)
         result = account(self.stats, leased, r.completions, written, tally)
         log.debug("round %s in %.1f ms", result, (time.monotonic() - started) * 1000)
         return result
 
     async def _route_and_send(self, r: _Round, tally: _Tally) -> None:
         now = datetime.now(UTC)
-        work: RoundWork = await self._book.plan(list(r.leased.values()), now)
+        work: RoundWork = await self.book.plan(list(r.leased.values()), now)
         r.completions.extend(work.decided)
         self._tracing.decided(work.decided, r.leased)
         if not work.batches:
@@ -377,7 +377,7 @@ class Dispatcher:
         completions = resolve_batch(
             batch.intents, outcome, now=now, policy=self._policy, rng=self._rng, timing=timing
         )
-        return self._book.decorate(batch, completions)
+        return self.book.decorate(batch, completions)
 
     async def _settle(self, r: _Round) -> None:
         """Finishes a round that did not reach its write-back: the known outcomes and

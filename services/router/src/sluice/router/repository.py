@@ -58,7 +58,7 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
-          idempotency_key, traceparent, campaign_id
+          idempotency_key, traceparent, campaign_id, forced_provider
 """
 
 # The same with a fair share per campaign: a skip scan of the (priority, campaign_id,
@@ -105,7 +105,7 @@ SET status = 'leased',
     updated_at = now()
 WHERE id = ANY(ARRAY(SELECT id FROM picked ORDER BY priority, rn LIMIT $2))
 RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
-          idempotency_key, traceparent, campaign_id
+          idempotency_key, traceparent, campaign_id, forced_provider
 """
 # The most campaigns one fair lease looks at.
 FAIR_LEASE_CAMPAIGNS = 64
@@ -216,6 +216,8 @@ class LeasedIntent:
     idempotency_key: str
     traceparent: str | None
     campaign_id: str
+    # an operator's RetryFailed chose this provider for it
+    forced_provider: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,6 +277,7 @@ def _leased(rec: asyncpg.Record) -> LeasedIntent:
         idempotency_key=rec["idempotency_key"],
         traceparent=rec["traceparent"],
         campaign_id=rec["campaign_id"],
+        forced_provider=rec["forced_provider"],
     )
 
 

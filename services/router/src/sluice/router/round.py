@@ -30,7 +30,13 @@ from sluice.router import repository
 from sluice.router.outcomes import is_hard_bounce
 from sluice.router.provider_state import ProviderState
 from sluice.router.repository import Completion, LeasedIntent
-from sluice.router.routing import EXPIRED_ERROR, PlannedBatch, ProviderChooser, plan_routes
+from sluice.router.routing import (
+    EXPIRED_ERROR,
+    MAX_MESSAGES_PER_SEND_BATCH,
+    PlannedBatch,
+    ProviderChooser,
+    plan_routes,
+)
 from sluice.router.settings import RouterSettings
 from sluice.router.stats import DispatchStats, RoundResult
 from sluice.v1 import sender_pb2
@@ -131,9 +137,15 @@ class RoundBook:
         await self.refresh_pauses()
         routable: list[LeasedIntent] = []
         decided: list[Completion] = []
+        forced: dict[tuple[str, str], list[LeasedIntent]] = {}
         avoid_by_kind: dict[str, frozenset[str]] = {}
         for intent in leased:
             kind = intent.kind
+            if intent.forced_provider in self._by_name and intent.deadline > now:
+                # An operator's RetryFailed chose the provider: no routing decision to make.
+                key = (intent.forced_provider, intent.template_id)
+                forced.setdefault(key, []).append(intent)
+                continue
             if kind not in avoid_by_kind:
                 avoid_by_kind[kind] = self._state.avoid(kind)
             usable = [
@@ -157,7 +169,15 @@ class RoundBook:
                 decided.append(self._wait(intent, now, avoid_by_kind[kind]))
         avoid = frozenset().union(*avoid_by_kind.values()) | self._state.health.degraded()
         plan = plan_routes(routable, self._chooser, now=now, degraded=avoid)
-        return RoundWork(batches=plan.batches, decided=tuple(decided) + plan.decided)
+        step = MAX_MESSAGES_PER_SEND_BATCH
+        operator_batches = tuple(
+            PlannedBatch(provider=name, template_id=template, intents=tuple(group[i : i + step]))
+            for (name, template), group in forced.items()
+            for i in range(0, len(group), step)
+        )
+        return RoundWork(
+            batches=operator_batches + plan.batches, decided=tuple(decided) + plan.decided
+        )
 
     def _wait(self, intent: LeasedIntent, now: datetime, avoided: frozenset[str]) -> Completion:
         candidates = self._chooser.candidates(intent.kind)
@@ -178,8 +198,11 @@ class RoundBook:
         if config is None:
             return completions
         cost = config.cost_per_thousand / 1000.0
-        reason = getattr(batch, "reason", "") or (
-            f"{config.name}: cheapest usable provider (${config.cost_per_thousand:g}/1k)"
+        forced = bool(batch.intents) and batch.intents[0].forced_provider == batch.provider
+        reason = (
+            f"{config.name}: forced by RetryFailed"
+            if forced
+            else f"{config.name}: cheapest usable provider (${config.cost_per_thousand:g}/1k)"
         )
         return [
             dataclasses.replace(c, route_reason=reason, route_cost=cost) if c.attempted else c

@@ -9,7 +9,9 @@
 ALTER TABLE intents
     ADD COLUMN route_reason text,
     ADD COLUMN route_cost double precision,
-    ADD COLUMN held_for text;
+    ADD COLUMN held_for text,
+    -- set by RetryFailed with a provider: the router sends through it, whatever it costs
+    ADD COLUMN forced_provider text;
 
 -- Releasing the intents held for a target that answers again reads only the held ones; the
 -- index is partial, so it holds only rows held right now.
