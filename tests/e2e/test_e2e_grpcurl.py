@@ -33,7 +33,10 @@ SERVICE_RPCS = {
         "sluice.v1.IngestService",
         ("SubmitIntent", "SubmitIntents", "GetIntent", "ListIntents"),
     ),
-    "router": ("sluice.v1.RouterService", ("GetQueueStats", "ListProviders")),
+    "router": (
+        "sluice.v1.RouterService",
+        ("GetQueueStats", "ListProviders", "PauseProvider", "ResumeProvider", "RetryFailed"),
+    ),
     "sender": ("sluice.v1.SenderService", ("SendBatch", "GetCapacity")),
 }
 
