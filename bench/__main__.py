@@ -23,6 +23,8 @@ from bench.e2e import Measurements, measure, median
 LEGEND = """\
   end to end: ingest → PostgreSQL → router → SendBatch → sender → unlimited sandbox → result
               written back; timed from the router's first lease until every intent is 'sent'
+  metrics off: the same run with SLUICE_METRICS_PORT=-1 (nothing recorded or served);
+              metrics cost = 1 - on/off (each run does both, back to back)
   ingest: SubmitIntents over gRPC, 1,000 per batch, 4 batches in flight, into an empty queue
   unary: 5,000 SubmitIntent calls, 64 in flight from one client process (its CPU counts)
   bare pipeline: the router's lease → complete SQL in this process, no gRPC, sender or Redis
@@ -57,6 +59,12 @@ def build_table(results: Measurements, count: int, runs: int) -> Table:
             "emails/s",
             results.e2e,
             f"{median(results.e2e) / pipeline_base:.2f}x bare pipeline",
+        ),
+        (
+            "end to end, metrics off",
+            "emails/s",
+            results.e2e_metrics_off,
+            f"metrics cost {1 - median(results.e2e) / median(results.e2e_metrics_off):+.1%}",
         ),
         (
             "ingest SubmitIntents",
@@ -95,6 +103,7 @@ def save(results: Measurements, count: int, runs: int, where: dict[str, str]) ->
         "cpus": os.cpu_count(),
         **where,
         "e2e_emails_per_s": results.e2e,
+        "e2e_metrics_off_emails_per_s": results.e2e_metrics_off,
         "ingest_intents_per_s": results.ingest,
         "ingest_unary_requests_per_s": results.unary,
         "baseline_pipeline_per_s": results.baseline_pipeline,

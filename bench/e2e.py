@@ -105,6 +105,7 @@ class Measurements:
     ingest: list[float] = field(default_factory=list)
     unary: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
+    e2e_metrics_off: list[float] = field(default_factory=list)
     baseline_insert: list[float] = field(default_factory=list)
     baseline_pipeline: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -357,10 +358,11 @@ async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[flo
 
 
 async def e2e_run(
-    servers_: Servers, count: int, workdir: Path, report: Report
+    servers_: Servers, count: int, workdir: Path, report: Report, *, metrics: bool = True
 ) -> tuple[float, float, float, str]:
     """One end-to-end run; returns (ingest intents/s, end-to-end emails/s, unary ingest
-    requests/s, cpu note)."""
+    requests/s, cpu note). ``metrics=False`` runs the services with metrics off
+    (``SLUICE_METRICS_PORT=-1``: nothing recorded, nothing served), for their cost."""
     providers_file = workdir / "providers.toml"
     providers_file.write_text(PROVIDERS_TOML)
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -379,7 +381,14 @@ async def e2e_run(
             "SLUICE_SENDER_TARGET": f"127.0.0.1:{ports['sender']}",
             "SLUICE_LOG_LEVEL": "WARNING",
         }
-        services = {name: Service(name, env, workdir) for name in ports}
+        services = {
+            name: Service(
+                name,
+                {**env, "SLUICE_METRICS_PORT": str(find_free_port() if metrics else -1)},
+                workdir,
+            )
+            for name in ports
+        }
         for service in services.values():
             stack.push_async_callback(service.stop)
         stack.push_async_callback(_drop_redis_keys, servers_.redis_url, prefix)
@@ -510,6 +519,9 @@ async def measure(count: int, runs: int, report: Report) -> tuple[Measurements, 
                 results.unary.append(unary_rate)
                 results.e2e.append(e2e_rate)
                 results.notes.append(f"run {run} CPU s during send: {cpu_note}")
+                report(f"run {run}/{runs}: end to end again with metrics off")
+                _, off_rate, _, _ = await e2e_run(servers_, count, workdir, report, metrics=False)
+                results.e2e_metrics_off.append(off_rate)
                 report(f"run {run}/{runs}: baseline (bare database pipeline, in process)")
                 insert_rate, pipeline_rate = await baseline_run(servers_, count, report)
                 results.baseline_insert.append(insert_rate)

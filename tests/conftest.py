@@ -118,12 +118,14 @@ REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 def clean_env(**overrides: str) -> dict[str, str]:
     """This process's environment without any Sluice configuration, plus ``overrides``
-    (for the ``sluice`` processes tests start)."""
+    (for the ``sluice`` processes tests start). Metrics listeners bind any free port unless
+    ``overrides`` says otherwise, so test processes never take the default ports."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith("SLUICE_") and k not in ("DATABASE_URL", "REDIS_URL")
     }
+    env["SLUICE_METRICS_PORT"] = "0"
     env.update(overrides)
     return env
 

@@ -123,10 +123,10 @@ async def test_a_bad_setting_exits_2_with_its_name_and_no_traceback() -> None:
     assert "DATABASE_URL is not set" in err
 
 
-async def test_serve_with_the_database_down_exits_1_and_says_why() -> None:
+async def test_serve_with_the_database_down_exits_3_and_says_why() -> None:
     nobody = f"postgresql://postgres@127.0.0.1:{find_free_port()}/sluice"
     code, _, err = await sluice("serve", "ingest", DATABASE_URL=nobody)
-    assert code == 1
+    assert code == 3  # EXIT_UNAVAILABLE
     assert "cannot start" in err
     assert "unavailable" in err.lower()
     assert "Traceback" not in err
@@ -263,6 +263,7 @@ async def test_demo_summary_adds_up_and_a_rerun_submits_nothing_new(
             campaign,
             "--timeout",
             "40",
+            SLUICE_TOKEN=stack.token,
         )
         assert code == 0, out + err
         # The sandbox fails this domain permanently; ingest must let it through to show that.
@@ -284,6 +285,7 @@ async def test_demo_summary_adds_up_and_a_rerun_submits_nothing_new(
             campaign=campaign,
             wait_seconds=40,
             console=Console(file=printed, width=120),
+            token=stack.token,
         )
         assert f"0 new, {count - invalid} existing" in printed.getvalue()
 

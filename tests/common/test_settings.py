@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,12 @@ def test_each_service_has_only_its_own_knobs() -> None:
 def test_bad_values_name_their_variable(env: dict[str, str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle):
         RouterSettings.from_env(env)
+
+
+def test_secrets_can_come_from_mounted_files(tmp_path: Path) -> None:
+    secret = tmp_path / "database-url"
+    secret.write_text("postgresql://sluice:s3cret@db:5432/sluice\n")
+    settings = IngestSettings.from_env({"DATABASE_URL_FILE": str(secret)})
+    assert settings.database_url == "postgresql://sluice:s3cret@db:5432/sluice"
+    with pytest.raises(ConfigError, match="REDIS_URL_FILE"):
+        IngestSettings.from_env({"REDIS_URL_FILE": str(tmp_path / "missing")})

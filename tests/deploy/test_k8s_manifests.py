@@ -16,6 +16,7 @@ import pytest
 
 from sluice.cli.stack_settings import StackSettings
 from sluice.common.providers import DEFAULT_PROVIDERS, parse_providers
+from sluice.common.settings import SECRET_FILES, known_variables
 from sluice.ingest.settings import IngestSettings
 from sluice.router.settings import RouterSettings
 from sluice.sender.settings import SenderSettings
@@ -26,6 +27,11 @@ K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s"
 NAMESPACE = "sluice"
 IMAGE = "ghcr.io/sluice-dev/sluice"
 COMPONENTS = ("ingest", "router", "sender")
+METRICS_PORTS = {
+    "ingest": IngestSettings().metrics_port,
+    "router": RouterSettings().metrics_port,
+    "sender": SenderSettings().metrics_port,
+}
 PORTS = {
     "ingest": IngestSettings().ingest_port,
     "router": RouterSettings().router_port,
@@ -124,6 +130,15 @@ def test_expected_resources_exist_in_the_namespace() -> None:
         ("Service", "sluice-sender-headless"),
         ("PodDisruptionBudget", "sluice-ingest"),
         ("PodDisruptionBudget", "sluice-sender"),
+        ("NetworkPolicy", "sluice-default-deny"),
+        ("NetworkPolicy", "sluice-dns"),
+        ("NetworkPolicy", "sluice-ingest"),
+        ("NetworkPolicy", "sluice-router"),
+        ("NetworkPolicy", "sluice-sender"),
+        ("NetworkPolicy", "sluice-migrate"),
+        ("HorizontalPodAutoscaler", "sluice-ingest"),
+        ("HorizontalPodAutoscaler", "sluice-router"),
+        ("HorizontalPodAutoscaler", "sluice-sender"),
     }
     for doc in applied():
         if doc["kind"] not in CLUSTER_SCOPED:
@@ -131,7 +146,9 @@ def test_expected_resources_exist_in_the_namespace() -> None:
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_deployment_runs_its_service_with_grpc_probes_on_its_port(component: str) -> None:
+def test_deployment_runs_its_service_with_health_probes_on_its_metrics_port(
+    component: str,
+) -> None:
     dep = deployment(component)
     assert dep["spec"]["replicas"] == 2
     template = dep["spec"]["template"]
@@ -141,12 +158,17 @@ def test_deployment_runs_its_service_with_grpc_probes_on_its_port(component: str
     assert container["command"] == ["sluice", "serve", component]
     assert container["image"].startswith(f"{IMAGE}:")
     port = PORTS[component]
-    assert container["ports"] == [{"name": "grpc", "containerPort": port, "protocol": "TCP"}]
+    metrics = METRICS_PORTS[component]
+    assert container["ports"] == [
+        {"name": "grpc", "containerPort": port, "protocol": "TCP"},
+        {"name": "metrics", "containerPort": metrics, "protocol": "TCP"},
+    ]
+    # The gRPC port speaks TLS, which the kubelet's gRPC probe cannot: probes ask the metrics
+    # listener's /healthz, which answers from the same serving flag as grpc.health.v1.
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         spec = container[probe]
-        assert spec["grpc"]["port"] == port, f"{component} {probe}"
-        assert spec.get("grpc", {}).get("service", "") == "", "overall health, all services"
-        assert not {"httpGet", "tcpSocket", "exec"} & spec.keys()
+        assert spec["httpGet"] == {"path": "/healthz", "port": "metrics"}, f"{component} {probe}"
+        assert not {"grpc", "tcpSocket", "exec"} & spec.keys()
     # The drain must end before the kubelet's SIGKILL.
     grace = float(
         config().get("SLUICE_SHUTDOWN_GRACE_SECONDS", IngestSettings().shutdown_grace_seconds)
@@ -155,18 +177,54 @@ def test_deployment_runs_its_service_with_grpc_probes_on_its_port(component: str
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
-def test_each_service_gets_only_the_secret_it_needs(component: str) -> None:
-    container = only_container(deployment(component)["spec"]["template"])
+def test_each_service_gets_only_the_secret_it_needs_as_files(component: str) -> None:
+    template = deployment(component)["spec"]["template"]
+    container = only_container(template)
     assert container["envFrom"] == [{"configMapRef": {"name": "sluice-config"}}]
-    refs = {
-        e["name"]: e["valueFrom"]["secretKeyRef"]
-        for e in container["env"]
-        if "secretKeyRef" in e.get("valueFrom", {})
-    }
+    # No secret ever travels as an environment variable.
+    assert not [e for e in container["env"] if "valueFrom" in e]
     wanted = {"ingest": {"DATABASE_URL"}, "router": {"DATABASE_URL"}, "sender": {"REDIS_URL"}}
-    assert set(refs) == wanted[component]
-    for name, ref in refs.items():
-        assert ref == {"name": "sluice-secrets", "key": name}
+    files = {e["name"]: e["value"] for e in container["env"] if e["name"].endswith("_URL_FILE")}
+    assert files == {f"{k}_FILE": f"/run/secrets/sluice/{k}" for k in wanted[component]}
+    (volume,) = [v for v in template["spec"]["volumes"] if v["name"] == "secrets"]
+    assert volume["secret"]["secretName"] == "sluice-secrets"
+    assert {i["key"] for i in volume["secret"]["items"]} == wanted[component]
+    assert volume["secret"]["defaultMode"] == 0o400
+    # Every env name is one Sluice reads (a typo would stop the pod at start-up).
+    known = known_variables() | set(SECRET_FILES.values())
+    for entry in container["env"]:
+        assert entry["name"] in known, entry["name"]
+
+
+def test_every_pod_is_covered_by_a_network_policy_and_the_sender_only_by_routers() -> None:
+    policies = [d for d in applied() if d["kind"] == "NetworkPolicy"]
+    deny = next(p for p in policies if p["metadata"]["name"] == "sluice-default-deny")
+    assert deny["spec"] == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    sender = next(p for p in policies if p["metadata"]["name"] == "sluice-sender")
+    grpc_rules = [
+        r for r in sender["spec"]["ingress"] if {"protocol": "TCP", "port": 50053} in r["ports"]
+    ]
+    assert grpc_rules == [
+        {
+            "from": [
+                {
+                    "podSelector": {
+                        "matchLabels": {
+                            "app.kubernetes.io/name": "sluice",
+                            "app.kubernetes.io/component": "router",
+                        }
+                    }
+                }
+            ],
+            "ports": [{"protocol": "TCP", "port": 50053}],
+        }
+    ]
+    for component in (*COMPONENTS, "migrate"):
+        assert any(
+            p["spec"]["podSelector"].get("matchLabels", {}).get("app.kubernetes.io/component")
+            == component
+            for p in policies
+        ), component
 
 
 def test_every_pod_is_hardened() -> None:
@@ -214,7 +272,9 @@ def test_configmap_keys_are_real_settings() -> None:
             f"{key} is ignored: Settings reads that from another name"
         )
     # Settings accepts the whole environment a pod gets, and reads every value as given.
-    (secret,) = load(K8S / "secret.example.yaml")
+    secret = next(
+        d for d in load(K8S / "secret.example.yaml") if d["metadata"]["name"] == "sluice-secrets"
+    )
     stack = StackSettings.from_env({**data, **secret["stringData"]})
     services = (stack.ingest, stack.router, stack.sender)
     for key, raw in data.items():
@@ -279,7 +339,7 @@ def test_migrate_job_runs_once_with_retries_and_cleans_up() -> None:
     assert job["template"]["spec"]["restartPolicy"] in ("Never", "OnFailure")
     container = only_container(job["template"])
     assert container["command"] == ["sluice", "migrate"]
-    assert {e["name"] for e in container["env"]} == {"DATABASE_URL"}
+    assert {e["name"] for e in container["env"]} == {"DATABASE_URL_FILE"}
 
 
 def test_providers_file_is_the_default_sandbox_set_mounted_where_settings_look() -> None:
@@ -298,14 +358,17 @@ def test_providers_file_is_the_default_sandbox_set_mounted_where_settings_look()
 
 
 def test_secret_example_is_marked_as_placeholders() -> None:
-    (secret,) = load(K8S / "secret.example.yaml")
-    assert secret["metadata"] == {
-        "name": "sluice-secrets",
-        "namespace": NAMESPACE,
-        "labels": secret["metadata"]["labels"],
+    secrets = {d["metadata"]["name"]: d for d in load(K8S / "secret.example.yaml")}
+    assert set(secrets) == {"sluice-secrets", "sluice-auth", "sluice-tls"}
+    wanted = {
+        "sluice-secrets": {"DATABASE_URL", "REDIS_URL"},
+        "sluice-auth": {"tokens.toml", "router.token"},
+        "sluice-tls": {"tls.crt", "tls.key", "ca.crt"},
     }
-    assert set(secret["stringData"]) == {"DATABASE_URL", "REDIS_URL"}
-    assert all("REPLACE-ME" in v for v in secret["stringData"].values())
+    for name, secret in secrets.items():
+        assert secret["metadata"]["namespace"] == NAMESPACE
+        assert set(secret["stringData"]) == wanted[name]
+        assert all("REPLACE-ME" in v for v in secret["stringData"].values())
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not on the PATH")

@@ -135,6 +135,8 @@ class Stack:
     log_dir: Path
     processes: list[ServiceProcess] = field(default_factory=list)
     ports: set[int] = field(default_factory=set)
+    # Each process's /metrics port, so stacks side by side never clash on the defaults.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     async def start(self, service: str, *, name: str = "", **env: str) -> ServiceProcess:
         """Starts ``sluice serve service`` on a free port and waits until it is SERVING.
@@ -160,7 +162,14 @@ class Stack:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=log_file,
                 stderr=log_file,
-                env={**self.env, PORT_ENV[service]: str(port), **env},
+                env={
+                    **self.env,
+                    PORT_ENV[service]: str(port),
+                    "SLUICE_METRICS_PORT": str(
+                        self.metrics_ports.setdefault(name, find_free_port())
+                    ),
+                    **env,
+                },
             )
         started = ServiceProcess(name, service, port, proc, log_path, env=dict(env))
         self.processes.append(started)

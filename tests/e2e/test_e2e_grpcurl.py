@@ -16,6 +16,7 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from sluice.common.auth import new_token, tokens_file_text
 from sluice.sender.providers.sandbox import SandboxLedger
 from tests.conftest import InsertTemplate
 from tests.e2e.e2e_stack import GRPCURL, CommandResult, Stack, grpcurl, service_stack
@@ -276,10 +277,12 @@ def readme_grpcurl_commands(markdown: str) -> list[str]:
     return commands
 
 
-def localize(command: str, ports: dict[str, int]) -> list[str]:
-    """``command``'s argv with the default ports replaced by this test's services' and the
-    ``grpcurl`` of this environment; a trailing shell pipe (``| jq``) is dropped."""
+def localize(command: str, ports: dict[str, int], token: str = "") -> list[str]:
+    """``command``'s argv with the default ports replaced by this test's services', the
+    ``grpcurl`` of this environment, and ``$SLUICE_TOKEN`` expanded as the shell would; a
+    trailing shell pipe (``| jq``) is dropped."""
     command = _ADDRESS.sub(lambda m: f"{m.group(1)}:{ports[DEFAULT_PORTS[m.group(2)]]}", command)
+    command = command.replace("$SLUICE_TOKEN", token)
     argv = shlex.split(command)
     if "|" in argv:
         argv = argv[: argv.index("|")]
@@ -335,14 +338,31 @@ async def test_readme_grpcurl_examples_work_as_written(
 
     # As the README's reader has it: the development providers and the demo templates.
     await seed_templates(pg_pool)
+    # As `sluice dev` runs it: auth on, an operator token, the router's own send token.
+    tokens = {"operator": new_token(), "router": new_token()}
+    tokens_file = tmp_path / "tokens.toml"
+    tokens_file.write_text(
+        tokens_file_text({"operator": ("submit", "read", "admin"), "router": ("send",)}, tokens)
+    )
+    router_token = tmp_path / "router.token"
+    router_token.write_text(tokens["router"])
     async with service_stack(
-        database_url=pg_dsn, redis_prefix=redis_prefix, log_dir=tmp_path, providers_toml=None
+        database_url=pg_dsn,
+        redis_prefix=redis_prefix,
+        log_dir=tmp_path,
+        providers_toml=None,
+        SLUICE_AUTH_TOKENS_FILE=str(tokens_file),
+        SLUICE_SENDER_TOKEN_FILE=str(router_token),
     ) as stack:
         targets = await start_trio(stack)
         ports = {service: int(target.rpartition(":")[2]) for service, target in targets.items()}
         failures = []
         for command in commands:
-            result = await grpcurl(*localize(command, ports)[1:])
+            result = await grpcurl(*localize(command, ports, tokens["operator"])[1:])
             if result.code != 0:
                 failures.append(f"$ {command}\n{result}")
+            if "$SLUICE_TOKEN" in command:
+                refused = await grpcurl(*localize(command, ports, "slc_wrong")[1:])
+                if refused.code == 0 or "Unauthenticated" not in refused.err:
+                    failures.append(f"$ {command}\nwas not refused with a wrong token:\n{refused}")
     assert not failures, "README grpcurl examples that fail:\n\n" + "\n\n".join(failures)

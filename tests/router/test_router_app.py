@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from sluice.common.grpcserver import ServerHandle, build_server
+from sluice.common.grpcserver import GrpcListener
 from sluice.common.telemetry import disabled
 from sluice.router.app import SERVICE_NAME, running
 from sluice.router.health import ProviderHealthTracker
@@ -159,11 +159,11 @@ async def test_leaving_running_settles_unfinished_rounds_without_releasing_sent_
 async def router_stub(pg_pool: asyncpg.Pool) -> AsyncIterator[router_pb2_grpc.RouterServiceStub]:
     health = ProviderHealthTracker(PROVIDERS, min_samples=5)
     health.record("dear", accepted=1, failed=9)
-    handle = ServerHandle(build_server(disabled()), [SERVICE_NAME])
+    handle = GrpcListener("127.0.0.1", 0, service_names=[SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(pg_pool, PROVIDERS, health), handle.server
     )
-    port = await handle.start("127.0.0.1", 0)
+    port = await handle.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield router_pb2_grpc.RouterServiceStub(channel)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 from google.protobuf import duration_pb2
 
-from sluice.common.grpcserver import ServerHandle, build_server
+from sluice.common.grpcserver import GrpcListener
 from sluice.common.telemetry import disabled
 from sluice.router.app import SERVICE_NAME
 from sluice.router.dispatch import Dispatcher
@@ -54,12 +54,12 @@ async def dispatcher(
 async def stub(
     pg_pool: asyncpg.Pool, dispatcher: Dispatcher
 ) -> AsyncIterator[router_pb2_grpc.RouterServiceStub]:
-    handle = ServerHandle(build_server(disabled()), [SERVICE_NAME])
+    handle = GrpcListener("127.0.0.1", 0, service_names=[SERVICE_NAME])
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(pg_pool, PROVIDERS, dispatcher.health, dispatcher.state, dispatcher.book),
         handle.server,
     )
-    port = await handle.start("127.0.0.1", 0)
+    port = await handle.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             yield router_pb2_grpc.RouterServiceStub(channel)

@@ -3,8 +3,14 @@
 Only argument parsing lives here; each subcommand's module is imported when it runs, so
 ``sluice --help`` stays fast and a broken optional part cannot break the others.
 
-Exit codes: 0 success, 1 a dependency was unavailable or the command failed, 2 a usage or
-configuration error (bad arguments, a bad ``SLUICE_*`` value), 130 interrupted.
+Exit codes (also in ``sluice --help`` and the README)::
+
+    0    success
+    1    the command failed while running (a service's supervised task died)
+    2    usage or configuration error (bad arguments, a bad or unknown SLUICE_* variable)
+    3    a dependency was unavailable at start-up (PostgreSQL, Redis)
+    4    a listener could not bind its address (port in use)
+    130  interrupted
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from sluice.common.errors import ConfigError, Unavailable
+from sluice.common.service import ListenError, ServiceFailed
 
 ENVIRONMENT_HELP = """\
 configuration (environment, read once at start-up):
@@ -30,8 +37,15 @@ configuration (environment, read once at start-up):
   SLUICE_LOG_LEVEL, SLUICE_LOG_FORMAT (text|json), SLUICE_OTEL_EXPORTER (none|console|otlp)
   ... and the other SLUICE_* settings listed in the README's configuration reference.
 
-exit codes: 0 ok, 1 failed or a dependency is unavailable, 2 usage or configuration error.
+exit codes: 0 ok, 1 failed while running, 2 usage or configuration error, 3 a dependency
+  (PostgreSQL, Redis) unavailable at start-up, 4 a port could not be bound, 130 interrupted.
 """
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_UNAVAILABLE = 3
+EXIT_LISTEN = 4
+EXIT_INTERRUPTED = 130
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -158,6 +172,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--count", type=_positive_int, default=20_000, help="intents per run")
     bench.add_argument("--runs", type=_positive_int, default=3, help="runs per stage")
+
+    token = sub.add_parser(
+        "token",
+        help="make a new API token and the tokens-file entry that lists its hash",
+        description=(
+            "Prints a new random token (give it to the caller; it is shown once) and the "
+            "[[tokens]] entry to add to SLUICE_AUTH_TOKENS_FILE, which holds only its SHA-256."
+        ),
+    )
+    token.add_argument("--name", required=True, help="who holds it (shows in logs, metrics)")
+    token.add_argument("--scopes", required=True, help="comma-separated: submit, read, admin, send")
     return parser
 
 
@@ -198,7 +223,25 @@ def _dispatch(args: argparse.Namespace) -> int:
         )
     if command == "bench":
         return _run_bench(args.count, args.runs)
+    if command == "token":
+        return _make_token(args.name, args.scopes)
     raise AssertionError(f"unhandled command {command}")
+
+
+def _make_token(name: str, scopes_arg: str) -> int:
+    import tomllib
+
+    from sluice.common.auth import new_token, parse_tokens, tokens_file_text
+
+    scopes = tuple(s.strip() for s in scopes_arg.split(",") if s.strip())
+    token = new_token()
+    entry = tokens_file_text({name: scopes}, {name: token})
+    # Validated like the server validates the file, so what we print always loads.
+    parse_tokens(tomllib.loads(entry), "--scopes")
+    print(f"token (give it to {name}; it is not stored anywhere):\n  {token}\n")
+    print("add to the tokens file (SLUICE_AUTH_TOKENS_FILE):\n")
+    print(entry, end="")
+    return 0
 
 
 def _run_bench(count: int, runs: int) -> int:
@@ -224,13 +267,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dispatch(args)
     except ConfigError as exc:
         print(f"sluice {args.command}: configuration error: {exc.message}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except Unavailable as exc:
         print(f"sluice {args.command}: cannot start: {exc.message}", file=sys.stderr)
-        return 1
+        return EXIT_UNAVAILABLE
+    except ListenError as exc:
+        print(f"sluice {args.command}: cannot listen: {exc.message}", file=sys.stderr)
+        return EXIT_LISTEN
+    except ServiceFailed as exc:
+        # The traceback of the task that died is in the log; this is the one-line summary.
+        print(f"sluice {args.command}: {exc.message}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print(f"sluice {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

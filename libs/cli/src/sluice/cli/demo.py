@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,7 @@ from sluice.cli.demo_campaign import (
 from sluice.cli.demo_progress import watch_campaign
 from sluice.cli.demo_report import DemoResult, failure_lines, fold_stats, print_summary, status_name
 from sluice.cli.stack_settings import StackSettings
+from sluice.common.auth import client_interceptors
 from sluice.v1 import ingest_pb2_grpc, router_pb2, router_pb2_grpc
 
 # FAIL_RECIPIENT and campaign_items moved to demo_campaign; they stay importable from here
@@ -49,6 +51,10 @@ __all__ = [
 
 DEFAULT_INGEST = "127.0.0.1:50051"
 DEFAULT_ROUTER_PORT = 50052
+
+
+#: The token ``sluice demo`` (and other client commands) send to an existing stack.
+TOKEN_VARIABLE = "SLUICE_TOKEN"  # noqa: S105 - a variable name, not a secret
 
 
 async def answers_health(target: str, probe_seconds: float = 1.0) -> bool:
@@ -72,11 +78,15 @@ async def run_demo(
     campaign: str,
     wait_seconds: float,
     console: Console,
+    token: str = "",
 ) -> DemoResult:
-    """Submits the campaign, waits for it, prints the summary and returns its numbers."""
+    """Submits the campaign, waits for it, prints the summary and returns its numbers.
+
+    ``token`` (scopes submit and read) goes with every call; "" for a stack without auth."""
+    auth = client_interceptors(token)
     async with (
-        grpc.aio.insecure_channel(ingest_target) as ingest_channel,
-        grpc.aio.insecure_channel(router_target) as router_channel,
+        grpc.aio.insecure_channel(ingest_target, interceptors=auth) as ingest_channel,
+        grpc.aio.insecure_channel(router_target, interceptors=auth) as router_channel,
     ):
         # grpc has no type stubs, so mypy cannot pick the aio overload of the stub itself.
         ingest = cast(
@@ -196,6 +206,7 @@ async def _demo_main(
             campaign=campaign,
             wait_seconds=wait_seconds,
             console=console,
+            token=os.environ.get(TOKEN_VARIABLE, ""),
         )
         return result.exit_code
 
@@ -218,6 +229,7 @@ async def _demo_main(
                     campaign=campaign,
                     wait_seconds=wait_seconds,
                     console=console,
+                    token=stack.token,
                 )
             )
             stopped = asyncio.create_task(stop.wait())

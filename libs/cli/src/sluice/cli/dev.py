@@ -10,8 +10,12 @@ ingest, then the embedded servers, so nothing is left running.
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import logging
+import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, replace
@@ -20,6 +24,7 @@ from typing import Any
 
 from sluice.cli.serve import configure_logging, make_telemetry, service_app
 from sluice.cli.stack_settings import StackSettings
+from sluice.common.auth import new_token, tokens_file_text
 from sluice.common.grpcserver import install_stop_signals
 from sluice.common.providers import ProviderConfig, load_providers
 from sluice.common.settings import CommonSettings
@@ -51,6 +56,8 @@ class LocalStack:
     embedded_database: bool
     embedded_redis: bool
     providers: tuple[ProviderConfig, ...]
+    #: A token with scopes submit, read and admin ("" when the stack runs without auth).
+    token: str = ""
 
 
 async def prepare_database(database_url: str) -> list[str]:
@@ -65,6 +72,34 @@ async def prepare_database(database_url: str) -> list[str]:
     finally:
         await pool.close()
     return applied
+
+
+def dev_tokens(settings: StackSettings, state_dir: Path) -> tuple[str, StackSettings]:
+    """Makes this run's tokens (an operator token and the router's ``send`` token) in a
+    private folder under ``state_dir``; returns the operator token and the settings that use
+    them. The folder is removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix="sluice-tokens-", dir=_writable(state_dir)))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    tokens = {"dev-operator": new_token(), "dev-router": new_token()}
+    scopes = {"dev-operator": ("submit", "read", "admin"), "dev-router": ("send",)}
+    tokens_file = folder / "tokens.toml"
+    tokens_file.write_text(tokens_file_text(scopes, tokens), encoding="utf-8")
+    router_token = folder / "router.token"
+    router_token.write_text(tokens["dev-router"], encoding="utf-8")
+    for path in (tokens_file, router_token):
+        path.chmod(0o600)
+    settings = settings.with_common(auth_tokens_file=str(tokens_file))
+    settings = replace(
+        settings, router=replace(settings.router, sender_token_file=str(router_token))
+    )
+    return tokens["dev-operator"], settings
+
+
+def _writable(state_dir: Path) -> Path:
+    with contextlib.suppress(OSError):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        return state_dir
+    return Path(tempfile.gettempdir())
 
 
 @asynccontextmanager
@@ -103,6 +138,10 @@ async def local_stack(
             else "database schema is up to date"
         )
         host = connect_host(settings.common.listen_host)
+        token = ""
+        if not settings.common.auth_tokens_file:
+            token, settings = dev_tokens(settings, state_dir)
+            say("authentication on with tokens made for this run (see SLUICE_TOKEN below)")
 
         async def start(service: str, service_settings: CommonSettings, configured: int) -> str:
             telemetry = make_telemetry(service_settings, service)
@@ -127,6 +166,7 @@ async def local_stack(
             embedded_database=embedded_database,
             embedded_redis=embedded_redis,
             providers=providers,
+            token=token,
         )
         say("stopping router, sender and ingest")
     say("stopped; nothing left running")
@@ -169,18 +209,20 @@ def banner(stack: LocalStack) -> str:
         if stack.ingest == "127.0.0.1:50051"
         else f"sluice demo --target {stack.ingest} --router {stack.router}"
     )
+    auth = ' -H "authorization: Bearer $SLUICE_TOKEN"' if stack.token else ""
+    lines += ["", "Try, from another terminal:"]
+    if stack.token:
+        lines.append(f"  export SLUICE_TOKEN={stack.token}   # submit, read, admin; this run only")
     lines += [
-        "",
-        "Try, from another terminal:",
         f"  {demo}",
         f"  grpcurl -plaintext {stack.ingest} list",
         f"  grpcurl -plaintext {stack.ingest} describe sluice.v1.IngestService",
         f"  grpcurl -plaintext {stack.ingest} grpc.health.v1.Health/Check",
-        f"  grpcurl -plaintext -d '{submit}' \\",
+        f"  grpcurl -plaintext{auth} -d '{submit}' \\",
         f"      {stack.ingest} sluice.v1.IngestService/SubmitIntent",
-        f"  grpcurl -plaintext {stack.router} sluice.v1.RouterService/GetQueueStats",
-        f"  grpcurl -plaintext {stack.router} sluice.v1.RouterService/ListProviders",
-        f"  grpcurl -plaintext {stack.sender} sluice.v1.SenderService/GetCapacity",
+        f"  grpcurl -plaintext{auth} {stack.router} sluice.v1.RouterService/GetQueueStats",
+        f"  grpcurl -plaintext{auth} {stack.router} sluice.v1.RouterService/ListProviders",
+        f"  grpcurl -plaintext{auth} {stack.sender} sluice.v1.SenderService/GetCapacity",
         "",
     ]
     return "\n".join(lines)

@@ -13,8 +13,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 from sluice.common.errors import ConfigError
-from sluice.common.grpcserver import ServerHandle, install_stop_signals
+from sluice.common.grpcserver import install_stop_signals
 from sluice.common.logging import setup_logging
+from sluice.common.service import Service
 from sluice.common.settings import CommonSettings
 from sluice.common.telemetry import Telemetry, setup_tracing
 
@@ -28,7 +29,7 @@ class RunningFactory(Protocol):
 
     def __call__(
         self, settings: Any, telemetry: Telemetry, *, port: int | None = None
-    ) -> AbstractAsyncContextManager[ServerHandle]: ...
+    ) -> AbstractAsyncContextManager[Service]: ...
 
 
 def service_app(service: str) -> RunningFactory:
@@ -78,7 +79,11 @@ def make_telemetry(settings: CommonSettings, service: str) -> Telemetry:
 
 
 async def serve(service: str, settings: CommonSettings) -> None:
-    """Runs ``service`` until a stop signal, then lets its context shut it down."""
+    """Runs ``service`` until a stop signal, then lets its context shut it down.
+
+    Raises ServiceFailed (after the same bounded shutdown) when one of the service's
+    supervised tasks died, so the process exits non-zero and its orchestrator restarts it.
+    """
     running = service_app(service)
     stop = asyncio.Event()
     # Installed before start-up, so a SIGTERM that arrives while we connect still stops us
@@ -86,16 +91,23 @@ async def serve(service: str, settings: CommonSettings) -> None:
     install_stop_signals(stop)
     telemetry = make_telemetry(settings, service)
     try:
-        async with running(settings, telemetry) as handle:
+        async with running(settings, telemetry) as svc:
+            others = "".join(
+                f"; {listener.name} on {settings.listen_host}:{listener.port}"
+                for listener in svc.listeners[1:]
+            )
             log.info(
-                "%s listening on %s:%d",
+                "%s listening on %s:%d%s",
                 service,
                 settings.listen_host,
-                handle.port,
+                svc.port,
+                others,
                 extra={"service": service},
             )
-            await stop.wait()
-            log.info("%s stopping", service, extra={"service": service})
+            try:
+                await svc.wait(stop)
+            finally:
+                log.info("%s stopping", service, extra={"service": service})
         log.info("%s stopped", service, extra={"service": service})
     finally:
         telemetry.shutdown()

@@ -10,15 +10,17 @@ its ``schema_migrations`` row, and versions already recorded are skipped.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, TypeAlias
+from typing import Any, ParamSpec, TypeAlias, TypeVar
 
 import asyncpg
 
-from sluice.common.errors import ConfigError, Unavailable
+from sluice.common.errors import ConfigError, InvalidArgument, SluiceError, Unavailable
 from sluice.common.logging import redact_url
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "Migration",
     "connect",
     "create_pool",
+    "database_error",
+    "db_boundary",
     "migrate",
     "migrations",
     "rows_affected",
@@ -69,6 +73,61 @@ _CONFIG_CONNECT_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InvalidAuthorizationSpecificationError,  # 28000, 28P01: role or password
     asyncpg.InvalidCatalogNameError,  # 3D000: no such database
 )
+
+
+# Errors of a statement that say nothing about the statement itself: the connection was
+# lost or broken, the server is restarting, shutting down, overloaded or cancelled us (a
+# statement timeout), or a transaction lost a race. Retrying later can succeed.
+_RETRYABLE_ERRORS: tuple[type[BaseException], ...] = (
+    *_TRANSIENT_CONNECT_ERRORS,
+    # "cannot switch to state 12; another operation is in progress": a connection that a
+    # server restart left half-way through a protocol exchange.
+    asyncpg.exceptions.InternalClientError,
+    asyncpg.OperatorInterventionError,  # 57P01 admin shutdown, 57014 statement timeout
+    asyncpg.InsufficientResourcesError,  # 53xxx: out of memory, disk full, connections
+    asyncpg.TransactionRollbackError,  # 40001 serialization failure, 40P01 deadlock
+)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def database_error(exc: BaseException) -> SluiceError | None:
+    """The Sluice error a database exception means, or None when it is a bug of ours.
+
+    This is the one place asyncpg's exceptions are interpreted: repositories call the
+    database through :func:`db_boundary`, so every service sees the same ``Unavailable`` for a
+    lost connection, a restart or a statement timeout (callers may retry) and no servicer
+    ever handles asyncpg exceptions itself.
+    """
+    if isinstance(exc, SluiceError):
+        return exc
+    if isinstance(exc, _RETRYABLE_ERRORS):
+        return Unavailable(f"database unavailable: {type(exc).__name__}: {exc}")
+    if isinstance(exc, asyncpg.DataError):
+        # Validation should refuse such values first (a NUL byte, an out-of-range number);
+        # if one slips through it is still the caller's input, not an internal error.
+        return InvalidArgument(
+            f"a value was refused by the database: {exc}", [("request", str(exc)[:200])]
+        )
+    return None
+
+
+def db_boundary(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Decorates a repository function so database exceptions leave it as Sluice errors."""
+
+    @functools.wraps(fn)
+    async def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except SluiceError:
+            raise
+        except Exception as exc:
+            mapped = database_error(exc)
+            if mapped is None:
+                raise
+            raise mapped from exc
+
+    return guarded
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,9 +1,16 @@
 """gRPC server runtime shared by the three services.
 
-:func:`build_server` makes a ``grpc.aio`` server with tracing and error interceptors,
-``grpc.health.v1`` health and server reflection; :class:`ServerHandle` starts it and stops
-it in a bounded sequence: health NOT_SERVING first (so load balancers and probes move
-away), then stop accepting and drain in-flight calls for up to the grace period.
+:class:`GrpcListener` is a service's gRPC listener: a ``grpc.aio`` server with the
+tracing and error interceptors, ``grpc.health.v1`` health and (optionally) server
+reflection, started and stopped as one :class:`~sluice.common.service.Listener` of a
+:class:`~sluice.common.service.Service`.
+
+:class:`ErrorInterceptor` covers all four RPC shapes. For every call it binds a request id
+to the logging context, maps any error to a status with :func:`sluice.common.errors.rpc_status`
+(a Sluice error to its code and details; anything else is a bug: INTERNAL, logged with its
+traceback), answers a request that is not valid protobuf (or not valid UTF-8 in a string
+field) with INVALID_ARGUMENT instead of gRPC's UNKNOWN, and records the call in the RPC
+metrics.
 """
 
 from __future__ import annotations
@@ -13,24 +20,33 @@ import logging
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
-from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from sluice.common.errors import (
-    ERROR_DOMAIN,
     InvalidArgument,
-    ResourceExhausted,
     SluiceError,
+    duration_from_seconds,
+    rpc_status,
+    status_code,
 )
 from sluice.common.logging import bind_request_id, reset_request_id
-from sluice.common.telemetry import Telemetry
+from sluice.common.metrics import Metrics
+from sluice.common.service import ListenError
+
+__all__ = [
+    "MAX_MESSAGE_BYTES",
+    "SERVER_OPTIONS",
+    "ErrorInterceptor",
+    "GrpcListener",
+    "duration_from_seconds",
+    "install_stop_signals",
+]
 
 log = logging.getLogger("sluice.grpc")
 
@@ -48,37 +64,80 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
 )
 
 
-def error_status(exc: SluiceError) -> status_pb2.Status:
-    """The ``google.rpc.Status`` (with ErrorInfo and typed details) for a Sluice error."""
-    status = status_pb2.Status(code=exc.code.value[0], message=exc.message)
-    info = error_details_pb2.ErrorInfo(reason=exc.reason, domain=ERROR_DOMAIN)
-    info.metadata.update(exc.metadata)
-    status.details.add().Pack(info)
-    if isinstance(exc, InvalidArgument) and exc.field_violations:
-        bad = error_details_pb2.BadRequest()
-        for field, description in exc.field_violations:
-            bad.field_violations.add(field=field, description=description)
-        status.details.add().Pack(bad)
-    if isinstance(exc, ResourceExhausted):
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.CopyFrom(duration_from_seconds(exc.retry_after))
-        status.details.add().Pack(retry)
-    return status
+class _Undecodable:
+    """What the guarded deserializer hands on for bytes that are not the request type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
 
 
-def duration_from_seconds(seconds: float) -> duration_pb2.Duration:
-    """A protobuf Duration from float seconds (negative values clamp to zero)."""
-    seconds = max(0.0, seconds)
-    whole = int(seconds)
-    return duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
+def _guarded(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any decode failure is the caller's bad bytes
+            return _Undecodable(exc)
+
+    return deserialize
+
+
+def _check(request: Any) -> Any:
+    if isinstance(request, _Undecodable):
+        raise InvalidArgument(
+            "the request is not a valid protobuf message of this method's type "
+            "(or a string field is not valid UTF-8)",
+            [("request", "not decodable")],
+        )
+    return request
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        yield _check(request)
+
+
+class _Call:
+    """Bookkeeping of one intercepted call: request id, timing, outcome, error mapping."""
+
+    def __init__(self, method: str, metadata: dict[str, Any], metrics: Metrics | None) -> None:
+        self.method = method
+        self.metrics = metrics
+        self.request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
+        self.code = "OK"
+        self.started = time.perf_counter()
+        self.token = bind_request_id(self.request_id)
+
+    async def fail(self, exc: BaseException, context: grpc.aio.ServicerContext) -> None:
+        """Aborts the call with the status ``exc`` maps to (never returns)."""
+        code = status_code(exc)
+        self.code = code.name
+        if not isinstance(exc, SluiceError) or code is grpc.StatusCode.INTERNAL:
+            log.error("unhandled error in %s", self.method, exc_info=exc)
+        status = rpc_status(exc, request_id=self.request_id)
+        await context.abort(
+            code,
+            status.message,
+            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        )
+
+    def finish(self) -> None:
+        elapsed = time.perf_counter() - self.started
+        if self.metrics is not None:
+            self.metrics.observe_rpc(self.method, self.code, elapsed)
+        log.debug("rpc %s %s in %.1f ms", self.method, self.code, elapsed * 1000)
+        reset_request_id(self.token)
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Maps :class:`SluiceError` to rich gRPC statuses and hides unexpected errors.
+    """Maps errors to rich statuses for all four RPC shapes; see the module docstring."""
 
-    It also binds a request id (the caller's ``x-request-id`` metadata, or a new one) to the
-    logging context and logs every call's method, status and duration at DEBUG.
-    """
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -86,89 +145,165 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
         method = handler_call_details.method
         metadata = dict(handler_call_details.invocation_metadata or ())
-        inner = handler.unary_unary
+        metrics = self._metrics
+        deserializer = _guarded(handler.request_deserializer)
+        serializer = handler.response_serializer
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            request_id = str(metadata.get("x-request-id") or uuid.uuid4().hex[:16])
-            token = bind_request_id(request_id)
-            started = time.perf_counter()
-            outcome = "OK"
-            try:
-                return await inner(request, context)
-            except SluiceError as exc:
-                outcome = exc.code.name
-                status = error_status(exc)
-                await context.abort(
-                    exc.code,
-                    exc.message,
-                    trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-                )
-            except (asyncio.CancelledError, grpc.aio.AbortError):
-                outcome = "ABORTED_OR_CANCELLED"
-                raise
-            except Exception:
-                outcome = "INTERNAL"
-                log.exception("unhandled error in %s", method)
-                status = status_pb2.Status(code=code_pb2.INTERNAL, message="internal error")
-                await context.abort(
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error (request id {request_id})",
-                    trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
-                )
-            finally:
-                log.debug(
-                    "rpc %s %s in %.1f ms",
-                    method,
-                    outcome,
-                    (time.perf_counter() - started) * 1000,
-                )
-                reset_request_id(token)
+        if handler.unary_unary is not None:
+            unary_unary = handler.unary_unary
 
-        return grpc.unary_unary_rpc_method_handler(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(method, metadata, metrics)
+                try:
+                    return await unary_unary(_check(request), context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    call.code = "CANCELLED_OR_ABORTED"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+                    await call.fail(exc, context)
+                finally:
+                    call.finish()
+
+            return grpc.unary_unary_rpc_method_handler(uu, deserializer, serializer)
+
+        if handler.stream_unary is not None:
+            stream_unary = handler.stream_unary
+
+            async def su(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+                call = _Call(method, metadata, metrics)
+                try:
+                    return await stream_unary(_checked_stream(requests), context)
+                except (asyncio.CancelledError, grpc.aio.AbortError):
+                    call.code = "CANCELLED_OR_ABORTED"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+                    await call.fail(exc, context)
+                finally:
+                    call.finish()
+
+            return grpc.stream_unary_rpc_method_handler(su, deserializer, serializer)
+
+        if handler.unary_stream is not None:
+            unary_stream = handler.unary_stream
+
+            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                call = _Call(method, metadata, metrics)
+                try:
+                    async for response in _responses(unary_stream(_check(request), context)):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                    call.code = "CANCELLED_OR_ABORTED"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+                    await call.fail(exc, context)
+                finally:
+                    call.finish()
+
+            return grpc.unary_stream_rpc_method_handler(us, deserializer, serializer)
+
+        if handler.stream_stream is not None:
+            stream_stream = handler.stream_stream
+
+            async def ss(
+                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                call = _Call(method, metadata, metrics)
+                try:
+                    behaviour = stream_stream(_checked_stream(requests), context)
+                    async for response in _responses(behaviour):
+                        yield response
+                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+                    call.code = "CANCELLED_OR_ABORTED"
+                    raise
+                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+                    await call.fail(exc, context)
+                finally:
+                    call.finish()
+
+            return grpc.stream_stream_rpc_method_handler(ss, deserializer, serializer)
+        return handler
+
+
+async def _responses(behaviour: Any) -> AsyncIterator[Any]:
+    """The responses of a streaming behaviour: an async generator, or a coroutine that
+    writes with ``context.write`` and yields nothing here."""
+    if hasattr(behaviour, "__aiter__"):
+        async for response in behaviour:
+            yield response
+    else:
+        await behaviour
+
+
+class GrpcListener:
+    """A service's gRPC server with health, reflection and the shared interceptors."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        service_names: Iterable[str],
+        interceptors: Sequence[Any] = (),
+        inner_interceptors: Sequence[Any] = (),
+        metrics: Metrics | None = None,
+        reflection_enabled: bool = True,
+        credentials: grpc.ServerCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = SERVER_OPTIONS,
+        name: str = "grpc",
+    ) -> None:
+        self._name = name
+        self.host = host
+        self._requested_port = port
+        self._port = 0
+        self._credentials = credentials
+        # Tracing first (it opens the span), then the error interceptor, then the inner
+        # ones (auth): their refusals are raised inside the error interceptor, so they are
+        # mapped and counted like every other error.
+        self.server = grpc.aio.server(
+            interceptors=[*interceptors, ErrorInterceptor(metrics), *inner_interceptors],
+            options=list(options),
         )
-
-
-def build_server(telemetry: Telemetry) -> grpc.aio.Server:
-    """A ``grpc.aio`` server with the tracing and error interceptors installed."""
-    return grpc.aio.server(
-        interceptors=[*telemetry.server_interceptors(), ErrorInterceptor()],
-        options=list(SERVER_OPTIONS),
-    )
-
-
-class ServerHandle:
-    """One running gRPC server with health and reflection, and its bounded shutdown."""
-
-    def __init__(self, server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-        self.server = server
         self.service_names = tuple(service_names)
         self.health = HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (
-                *self.service_names,
-                reflection.SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            ),
-            server,
-        )
-        self.port = 0
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        if reflection_enabled:
+            reflection.enable_server_reflection(
+                (
+                    *self.service_names,
+                    reflection.SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                ),
+                self.server,
+            )
 
-    async def start(self, host: str, port: int) -> int:
-        """Binds, starts and marks every service SERVING; returns the bound port."""
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
-        if self.port == 0:
-            raise OSError(f"could not bind gRPC server to {host}:{port}")
+    @property
+    def name(self) -> str:
+        """The listener's label."""
+        return self._name
+
+    @property
+    def port(self) -> int:
+        """The bound port (0 before start)."""
+        return self._port
+
+    async def start(self) -> int:
+        """Binds and starts; raises ListenError when the address cannot be bound."""
+        address = f"{self.host}:{self._requested_port}"
+        try:
+            if self._credentials is None:
+                self._port = self.server.add_insecure_port(address)
+            else:
+                self._port = self.server.add_secure_port(address, self._credentials)
+        except RuntimeError as exc:  # grpcio raises it for "Failed to bind to address"
+            raise ListenError(_bind_error(self._name, address)) from exc
+        if self._port == 0:
+            raise ListenError(_bind_error(self._name, address))
         await self.server.start()
-        await self.set_serving(True)
-        return self.port
+        return self._port
 
     async def set_serving(self, serving: bool) -> None:
         """Sets the overall status and every service's status at once."""
@@ -181,9 +316,15 @@ class ServerHandle:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
-        """NOT_SERVING first, then stop accepting and drain in-flight calls for ``grace`` s."""
-        await self.set_serving(False)
+        """Stops accepting and drains in-flight calls for up to ``grace`` seconds."""
         await self.server.stop(grace)
+
+
+def _bind_error(name: str, address: str) -> str:
+    return (
+        f"{name}: cannot listen on {address}: the port is in use or the address is not "
+        "this machine's"
+    )
 
 
 def install_stop_signals(stop: asyncio.Event) -> None:

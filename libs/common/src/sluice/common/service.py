@@ -7,7 +7,8 @@ the benchmark and the tests all build a service the same way.
 
 Life of a service::
 
-    start()       every listener binds (a port in use is a ListenError), then SERVING
+    start()       every listener binds (a port in use is a ListenError), start hooks run
+                  (the router's dispatcher), then SERVING
     run           supervised tasks run; one that ends unexpectedly marks the service failed:
                   health turns NOT_SERVING and ``failed`` is set, so ``sluice serve`` exits
                   non-zero and the orchestrator restarts the process
@@ -79,6 +80,7 @@ class Service:
         self.grace = grace
         self.listeners: list[Listener] = []
         self._drain_hooks: list[DrainHook] = []
+        self._start_hooks: list[Callable[[], Awaitable[None]]] = []
         self._watched: list[asyncio.Task[object]] = []
         self._stopping = False
         self._started = False
@@ -96,6 +98,10 @@ class Service:
     def on_drain(self, hook: DrainHook) -> None:
         """Runs ``hook(remaining_grace)`` after NOT_SERVING and before listeners stop."""
         self._drain_hooks.append(hook)
+
+    def on_start(self, hook: Callable[[], Awaitable[None]]) -> None:
+        """Runs ``hook()`` once every listener is up (e.g. the router's dispatcher)."""
+        self._start_hooks.append(hook)
 
     def watch(self, task: asyncio.Task[object]) -> None:
         """Supervises a task: if it ends before :meth:`stop`, the service has failed."""
@@ -137,6 +143,12 @@ class Service:
                     await listener.stop(0)
             raise
         self._started = True
+        try:
+            for hook in self._start_hooks:
+                await hook()
+        except BaseException:
+            await self.stop()
+            raise
         await self.set_serving(True)
 
     async def set_serving(self, serving: bool) -> None:

@@ -37,12 +37,21 @@ ALIASES: Mapping[str, str] = {
     "otlp_endpoint": "OTEL_EXPORTER_OTLP_ENDPOINT",
 }
 
+#: Secrets may instead be given as a file holding the value (a Kubernetes Secret mounted as
+#: a volume: files, not environment variables, so no process listing or crash dump shows
+#: them). The variable names the file; the value is its content, stripped.
+SECRET_FILES: Mapping[str, str] = {
+    "database_url": "DATABASE_URL_FILE",
+    "redis_url": "REDIS_URL_FILE",
+}
+
 #: SLUICE_* variables that are read by something other than a settings class (the test
 #: suite, the CLI's own switches); they are never reported as unknown.
 EXTRA_KNOWN_VARIABLES: set[str] = {
     "SLUICE_TEST_PG_ADMIN_DSN",
     "SLUICE_TEST_REDIS_URL",
     "SLUICE_TEST_EMBEDDED",
+    "SLUICE_TOKEN",  # the token client commands (sluice demo, sluice status) send
 }
 
 _REGISTRY: list[type[CommonSettings]] = []
@@ -108,6 +117,17 @@ class CommonSettings:
     shutdown_grace_seconds: float = 10.0
     #: Port of the Prometheus /metrics (and /healthz) HTTP listener; -1 turns it off.
     metrics_port: int = -1
+    #: TOML file of token hashes and scopes (see sluice.common.auth); empty: no auth.
+    auth_tokens_file: str = ""
+    #: Refuse to start without a tokens file (the Kubernetes manifests set it).
+    require_auth: bool = False
+    #: Serve gRPC server reflection (what lets grpcurl work without proto files).
+    reflection: bool = True
+    #: PEM server certificate and key: TLS on the gRPC listener (see sluice.common.tls).
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    #: CA whose client certificates are required (mutual TLS); empty: no client certs.
+    tls_client_ca_file: str = ""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -130,6 +150,9 @@ class CommonSettings:
         for f in fields(cls):
             name = variable_name(f.name)
             raw = env.get(name)
+            secret_file = env.get(SECRET_FILES.get(f.name, ""), "")
+            if secret_file and not raw:
+                name, raw = SECRET_FILES[f.name], _read_secret(SECRET_FILES[f.name], secret_file)
             if raw is None or raw == "":
                 continue
             default = f.default
@@ -158,6 +181,11 @@ class CommonSettings:
         self.require_at_least(1, "db_pool_size")
         self.require_positive("shutdown_grace_seconds")
         self.require_port("metrics_port", allow_off=True)
+        if self.require_auth and not self.auth_tokens_file:
+            raise ConfigError(
+                "SLUICE_REQUIRE_AUTH is on but SLUICE_AUTH_TOKENS_FILE is not set: "
+                "every RPC but health would be open to anyone who reaches the port"
+            )
 
     # ---- helpers for subclasses' validate() ---------------------------------------------------
 
@@ -214,6 +242,14 @@ def _check_unknown(env: Mapping[str, str]) -> None:
 def register_known_variables(names: Iterable[str]) -> None:
     """Declares ``SLUICE_*`` variables read outside a settings class as known."""
     EXTRA_KNOWN_VARIABLES.update(names)
+
+
+def _read_secret(variable: str, path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as file:  # noqa: PTH123 - plain read at start-up
+            return file.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{variable}={path}: {exc.strerror or exc}") from exc
 
 
 def _parse_bool(raw: str) -> bool:

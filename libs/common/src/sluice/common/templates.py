@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 
 _TEMPLATE_COLUMNS = "id, version, subject, html_body, text_body, variables, from_address"
 
@@ -64,6 +64,7 @@ def _template_row(rec: asyncpg.Record) -> TemplateRow:
     )
 
 
+@db_boundary
 async def get_templates(pool: Executor, ids: Iterable[str]) -> dict[str, TemplateRow]:
     """Return the templates with these ids, keyed by id; unknown ids are simply absent."""
     wanted = sorted(set(ids))
@@ -72,6 +73,7 @@ async def get_templates(pool: Executor, ids: Iterable[str]) -> dict[str, Templat
     return {rec["id"]: _template_row(rec) for rec in await pool.fetch(GET_TEMPLATES_SQL, wanted)}
 
 
+@db_boundary
 async def upsert_template(pool: Executor, template: TemplateRow) -> TemplateRow:
     """Create or replace a template and return it as stored.
 

@@ -1,13 +1,20 @@
-"""Wiring of the ingest service: resources, server, and bounded shutdown."""
+"""Wiring of the ingest service: its resources, and the builder of its Service."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
+import asyncpg
+
+from sluice.common.app import new_service
 from sluice.common.db import create_pool
-from sluice.common.grpcserver import ServerHandle, build_server
+from sluice.common.metrics import Metrics
+from sluice.common.providers import INTENT_KINDS
+from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
+from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.service import IngestServicer
 from sluice.ingest.settings import IngestSettings
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc
@@ -15,18 +22,69 @@ from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
+@dataclass(frozen=True)
+class IngestResources:
+    """What ingest uses, opened once by :func:`open_resources` (or by a test)."""
+
+    pool: asyncpg.Pool
+
+
+async def open_resources(
+    settings: IngestSettings, stack: contextlib.AsyncExitStack
+) -> IngestResources:
+    """Opens ingest's resources on ``stack`` (closed in reverse when it unwinds)."""
+    pool = await create_pool(
+        settings.require_database(),
+        max_size=settings.db_pool_size,
+        application_name="sluice-ingest",
+    )
+    stack.push_async_callback(pool.close)
+    return IngestResources(pool=pool)
+
+
+def build(
+    settings: IngestSettings,
+    resources: IngestResources,
+    telemetry: Telemetry,
+    metrics: Metrics,
+    *,
+    port: int | None = None,
+) -> tuple[Service, IngestServicer]:
+    """The ingest Service (not started) and its servicer, whose ``aclose`` the caller runs
+    after the service stopped."""
+    service, grpc_listener = new_service(
+        "ingest",
+        settings,
+        telemetry,
+        metrics,
+        grpc_port=settings.ingest_port if port is None else port,
+        service_names=[SERVICE_NAME],
+    )
+    budgets = dict.fromkeys(INTENT_KINDS, settings.default_deadline_seconds)
+    observer = IngestMetrics(metrics, budgets)
+    servicer = IngestServicer(resources.pool, settings, observer)
+    ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, grpc_listener.server)
+    return service, servicer
+
+
 @contextlib.asynccontextmanager
 async def running(
-    settings: IngestSettings, telemetry: Telemetry, *, port: int | None = None
-) -> AsyncIterator[ServerHandle]:
-    """Runs the ingest gRPC server until the block exits, then shuts it down in order."""
+    settings: IngestSettings,
+    telemetry: Telemetry,
+    *,
+    port: int | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Service]:
+    """Runs ingest until the block exits, then stops it (bounded) and closes resources."""
     async with contextlib.AsyncExitStack() as stack:
-        pool = await create_pool(settings.require_database(), max_size=settings.db_pool_size)
-        stack.push_async_callback(pool.close)
-        servicer = IngestServicer(pool, settings)
+        resources = await open_resources(settings, stack)
+        service, servicer = build(
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("ingest", enabled=settings.metrics_port >= 0),
+            port=port,
+        )
         stack.push_async_callback(servicer.aclose)
-        handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
-        ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, handle.server)
-        await handle.start(settings.listen_host, settings.ingest_port if port is None else port)
-        stack.push_async_callback(handle.stop, settings.shutdown_grace_seconds)
-        yield handle
+        await stack.enter_async_context(service.running())
+        yield service

@@ -17,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
-from sluice.common.db import Executor
+from sluice.common.db import Executor, db_boundary
 from sluice.common.errors import InvalidArgument
 from sluice.common.templates import TemplateRow, get_templates, upsert_template
 
@@ -189,6 +189,7 @@ def _json_text(variables: Mapping[str, str]) -> str:
     return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
 
 
+@db_boundary
 async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
     """Store a batch of intents idempotently; return one outcome per row, in input order.
 
@@ -289,12 +290,14 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
     )
 
 
+@db_boundary
 async def get_intent(pool: Executor, intent_id: UUID) -> IntentRow | None:
     """Return the intent with this id, or None."""
     rec = await pool.fetchrow(GET_INTENT_SQL, intent_id)
     return None if rec is None else _intent_row(rec)
 
 
+@db_boundary
 async def list_intents(
     pool: Executor,
     *,

@@ -7,19 +7,21 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import asyncpg
 import grpc
 
-from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError, Unavailable
+from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError
+from sluice.common.metrics import disabled_metrics
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
 from sluice.ingest import repository
 from sluice.ingest.coalesce import InsertCoalescer
+from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.validation import validate_submission
@@ -30,19 +32,6 @@ T = TypeVar("T")
 MAX_BATCH = 1000
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-
-
-async def _db(awaitable: Awaitable[T]) -> T:
-    """Awaits a repository call, turning a lost database into UNAVAILABLE (safe to retry)."""
-    try:
-        return await awaitable
-    except (
-        OSError,
-        asyncpg.exceptions.InterfaceError,
-        asyncpg.exceptions.CannotConnectNowError,
-        asyncpg.exceptions.ConnectionDoesNotExistError,
-    ) as exc:
-        raise Unavailable(f"database unavailable: {exc}") from exc
 
 
 def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
@@ -112,8 +101,11 @@ def _conflict(key: str, intent_id: uuid.UUID | None) -> AlreadyExists:
 class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     """Validates and stores intents; answers questions about them."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: IngestSettings) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: IngestSettings, metrics: IngestMetrics | None = None
+    ) -> None:
         self._pool = pool
+        self._metrics = metrics if metrics is not None else IngestMetrics(disabled_metrics())
         self._templates = TemplateCache(pool)
         self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
         self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
@@ -125,8 +117,22 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.SubmitIntentResponse:
+        try:
+            response = await self._submit_one(request)
+        except SluiceError as exc:
+            self._metrics.observe_submissions(rejected_reasons=(exc.reason,))
+            raise
+        if response.created:
+            self._metrics.observe_submissions(created=1)
+        else:
+            self._metrics.observe_submissions(duplicate=1)
+        return response
+
+    async def _submit_one(
+        self, request: ingest_pb2.SubmitIntentRequest
+    ) -> ingest_pb2.SubmitIntentResponse:
         sub = request.intent
-        templates = await _db(self._templates.get_many([sub.template_id]))
+        templates = await self._templates.get_many([sub.template_id])
         now = datetime.now(UTC)
         row = validate_submission(
             sub,
@@ -135,13 +141,13 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             default_deadline=self._default_deadline,
             traceparent=current_traceparent(),
         )
-        outcome: InsertOutcome = await _db(self._coalescer.insert(row))
+        outcome: InsertOutcome = await self._coalescer.insert(row)
         if outcome.conflict:
             raise _conflict(row.idempotency_key, outcome.intent_id)
         if outcome.created:
             return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
         assert outcome.intent_id is not None
-        stored = await _db(repository.get_intent(self._pool, outcome.intent_id))
+        stored = await repository.get_intent(self._pool, outcome.intent_id)
         if stored is None:  # only if deleted between the two statements
             raise NotFound(f"intent {outcome.intent_id} no longer exists")
         return ingest_pb2.SubmitIntentResponse(intent=intent_to_proto(stored), created=False)
@@ -156,7 +162,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise InvalidArgument(
                 f"{len(subs)} intents in one call", [("intents", f"at most {MAX_BATCH} items")]
             )
-        templates = await _db(self._templates.get_many(s.template_id for s in subs))
+        templates = await self._templates.get_many(s.template_id for s in subs)
         now = datetime.now(UTC)
         traceparent = current_traceparent()
         results = [ingest_pb2.SubmitIntentResult() for _ in subs]
@@ -178,20 +184,35 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             except InvalidArgument as exc:
                 _set_error(results[i], exc)
         if rows:
-            outcomes = await _db(repository.insert_intents(self._pool, rows))
+            outcomes = await repository.insert_intents(self._pool, rows)
             for i, row, outcome in zip(positions, rows, outcomes, strict=True):
                 if outcome.conflict:
                     _set_error(results[i], _conflict(row.idempotency_key, outcome.intent_id))
                 else:
                     results[i].intent_id = str(outcome.intent_id)
                     results[i].created = outcome.created
+        self._observe_results(results)
         return ingest_pb2.SubmitIntentsResponse(results=results)
+
+    def _observe_results(self, results: Sequence[ingest_pb2.SubmitIntentResult]) -> None:
+        created = duplicate = 0
+        rejected: list[str] = []
+        for r in results:
+            if r.error.code:
+                rejected.append(_CODE_NAMES.get(r.error.code, "UNKNOWN"))
+            elif r.created:
+                created += 1
+            else:
+                duplicate += 1
+        self._metrics.observe_submissions(
+            created=created, duplicate=duplicate, rejected_reasons=rejected
+        )
 
     async def GetIntent(
         self, request: ingest_pb2.GetIntentRequest, context: grpc.aio.ServicerContext
     ) -> ingest_pb2.GetIntentResponse:
         intent_id = _parse_uuid(request.id, "id")
-        row = await _db(repository.get_intent(self._pool, intent_id))
+        row = await repository.get_intent(self._pool, intent_id)
         if row is None:
             raise NotFound(f"intent {intent_id} does not exist")
         return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
@@ -207,14 +228,12 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             raise InvalidArgument("unknown status", [("status", "not an IntentStatus value")])
         fingerprint = _filter_fingerprint(request.campaign_id, int(request.status))
         after = _decode_page_token(request.page_token, fingerprint) if request.page_token else None
-        rows = await _db(
-            repository.list_intents(
-                self._pool,
-                campaign_id=request.campaign_id or None,
-                status=status,
-                limit=size + 1,
-                after=after,
-            )
+        rows = await repository.list_intents(
+            self._pool,
+            campaign_id=request.campaign_id or None,
+            status=status,
+            limit=size + 1,
+            after=after,
         )
         page = rows[:size]
         token = ""
@@ -224,6 +243,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in page], next_page_token=token
         )
+
+
+_CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
 
 
 def _set_error(result: ingest_pb2.SubmitIntentResult, exc: SluiceError) -> None:

@@ -14,6 +14,7 @@ class IngestSettings(CommonSettings):
 
     service: ClassVar[str] = "ingest"
 
+    metrics_port: int = 9091
     ingest_port: int = 50051
     default_deadline_seconds: float = 86_400.0
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
-from sluice.common.db import Executor, rows_affected
+from sluice.common.db import Executor, db_boundary, rows_affected
 from sluice.router import repository
 
 __all__ = [
@@ -105,11 +105,13 @@ class ProviderBacklog:
     cost: float
 
 
+@db_boundary
 async def pause(pool: Executor, provider: str, kind: str = "", reason: str = "") -> None:
     """Pauses ``provider`` for ``kind`` ('' for every kind); pausing twice is a no-op."""
     await pool.execute(PAUSE_SQL, provider, kind, reason)
 
 
+@db_boundary
 async def resume(pool: Executor, provider: str, kind: str = "") -> int:
     """Removes the pause(s) of ``provider`` (all of them when ``kind`` is '') and makes
     the intents that waited for a provider due now; returns how many were released."""
@@ -125,11 +127,13 @@ async def resume(pool: Executor, provider: str, kind: str = "") -> int:
     return released
 
 
+@db_boundary
 async def paused(pool: Executor) -> list[tuple[str, str]]:
     """Every pause as ``(provider, kind)`` (kind '' for all kinds)."""
     return [(r["provider"], r["kind"]) for r in await pool.fetch(PAUSED_SQL)]
 
 
+@db_boundary
 async def retry_failed(pool: asyncpg.Pool, request_id: str, where: RetryFilter) -> tuple[int, bool]:
     """Re-queues failed intents matching ``where``; returns (count, replayed).
 
@@ -157,6 +161,7 @@ async def retry_failed(pool: asyncpg.Pool, request_id: str, where: RetryFilter) 
     return count, False
 
 
+@db_boundary
 async def provider_backlog(pool: Executor) -> list[ProviderBacklog]:
     """Per provider: planned (pending or leased), sent, and the cost of what it sent.
     Reads every routed row: for operators, not a hot loop."""
@@ -166,6 +171,7 @@ async def provider_backlog(pool: Executor) -> list[ProviderBacklog]:
     ]
 
 
+@db_boundary
 async def held(pool: Executor) -> dict[str, int]:
     """Pending intents held for something, by what (see ``intents.held_for``)."""
     return {r["held_for"]: int(r["n"]) for r in await pool.fetch(HELD_SQL)}

@@ -37,6 +37,7 @@ from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
 from sluice.router.circuit import CircuitBreakers
 from sluice.router.health import ProviderHealthTracker
+from sluice.router.metrics import RouterMetrics
 from sluice.router.outcomes import URGENT_KIND, RetryPolicy, resolve_batch
 from sluice.router.pacing import LocalPacer, Pacer, RedisPacer
 from sluice.router.provider_state import OutageClock, ProviderState
@@ -102,8 +103,10 @@ class Dispatcher:
         rng: random.Random | None = None,
         redis: Any = None,
         circuits: CircuitBreakers | None = None,
+        metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = metrics
         self._rng = rng if rng is not None else random.Random()
         rates = {p.name: p.sustained_rate for p in providers}
         pacer: Pacer = (
@@ -136,6 +139,11 @@ class Dispatcher:
         self._rounds: dict[uuid.UUID, _Round] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> tuple[asyncio.Task[None], ...]:
+        """The workers, the reclaimer and the prober, for a supervisor to watch."""
+        return tuple(self._tasks)
 
     @property
     def running(self) -> bool:
@@ -241,6 +249,8 @@ class Dispatcher:
                 break
         if total:
             self.stats.reclaimed += total
+            if self.metrics is not None:
+                self.metrics.observe_reclaimed(total)
             log.info("reclaimed %d expired leases", total)
         return total
 
@@ -311,6 +321,8 @@ class Dispatcher:
             self.stats.released += await repository.release(self._pool, lease_id=lease_id, ids=rest)
         await self.book.after_write(r.completions, r.leased)
         result = account(self.stats, leased, r.completions, written, tally)
+        if self.metrics is not None:
+            self.metrics.observe_round(leased, r.completions, time.monotonic() - started)
         log.debug("round %s in %.1f ms", result, (time.monotonic() - started) * 1000)
         return result
 

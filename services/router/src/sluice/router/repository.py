@@ -17,7 +17,7 @@ from uuid import UUID
 
 import asyncpg
 
-from sluice.common.db import Executor, rows_affected
+from sluice.common.db import Executor, db_boundary, rows_affected
 
 __all__ = [
     "COMPLETION_STATUSES",
@@ -281,6 +281,7 @@ def _leased(rec: asyncpg.Record) -> LeasedIntent:
     )
 
 
+@db_boundary
 async def lease(
     pool: Executor,
     *,
@@ -315,6 +316,7 @@ async def lease(
     return [_leased(rec) for rec in records]
 
 
+@db_boundary
 async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Completion]) -> int:
     """Write the results of a lease back in one statement; return how many rows took them.
 
@@ -349,6 +351,7 @@ async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Comp
     return rows_affected(status)
 
 
+@db_boundary
 async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int:
     """Give leased intents back unsent (e.g. on shutdown); return how many were released.
 
@@ -361,6 +364,7 @@ async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int
     return rows_affected(await pool.execute(RELEASE_SQL, lease_id, id_list))
 
 
+@db_boundary
 async def release_held(pool: Executor, target: str, *, chunk: int = 5000) -> int:
     """Make every pending intent held for ``target`` due now; return how many."""
     total = 0
@@ -371,6 +375,7 @@ async def release_held(pool: Executor, target: str, *, chunk: int = 5000) -> int
             return total
 
 
+@db_boundary
 async def reclaim_expired(pool: Executor, *, limit: int = 1000) -> int:
     """Turn up to ``limit`` leases that ran out back into pending intents; return the count.
 
@@ -383,6 +388,7 @@ async def reclaim_expired(pool: Executor, *, limit: int = 1000) -> int:
     return rows_affected(await pool.execute(RECLAIM_EXPIRED_SQL, limit))
 
 
+@db_boundary
 async def queue_stats(pool: Executor, campaign_id: str | None = None) -> QueueStats:
     """Counts by (status, kind, provider) and the due backlog, for one campaign or all.
 

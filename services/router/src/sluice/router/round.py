@@ -21,8 +21,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Protocol
 
-import asyncpg
-
 from sluice.common.db import Executor
 from sluice.common.errors import Unavailable
 from sluice.common.providers import INTENT_KINDS, ProviderConfig
@@ -47,15 +45,8 @@ log = logging.getLogger("sluice.router.round")
 
 PAUSES_REFRESH_SECONDS = 1.0
 
-# Database errors worth retrying the write-back for: the connection, not the statement.
-_RETRYABLE: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    Unavailable,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-)
+# The repository maps connection errors to Unavailable (db_boundary): worth retrying.
+_RETRYABLE: tuple[type[BaseException], ...] = (Unavailable,)
 
 SUPPRESS_SQL = """
 INSERT INTO suppressions (address, reason, provider, intent_id, note)

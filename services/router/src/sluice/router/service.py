@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
@@ -24,20 +24,12 @@ if TYPE_CHECKING:
     from sluice.router.provider_state import ProviderState
     from sluice.router.round import RoundBook
 
-_DB_DOWN: tuple[type[BaseException], ...] = (
-    OSError,
-    TimeoutError,
-    asyncpg.InterfaceError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.CannotConnectNowError,
-)
 _PROTO_TO_KIND = {v: k for k, v in KIND_TO_PROTO.items()}
 _CIRCUIT_TO_PROTO = {
     CircuitState.CLOSED: router_pb2.CIRCUIT_STATE_CLOSED,
     CircuitState.OPEN: router_pb2.CIRCUIT_STATE_OPEN,
     CircuitState.HALF_OPEN: router_pb2.CIRCUIT_STATE_HALF_OPEN,
 }
-_T = TypeVar("_T")
 MAX_RETRY_LIMIT = 10_000
 MAX_REQUEST_ID = 200
 
@@ -66,12 +58,10 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.GetQueueStatsResponse:
         """Counts by status, intent and provider, the due backlog, per-provider work and
         cost, and what held intents wait for."""
-        try:
-            stats = await repository.queue_stats(self._pool, request.campaign_id or None)
-            backlog = await controls.provider_backlog(self._pool)
-            held = await controls.held(self._pool)
-        except _DB_DOWN as exc:
-            raise Unavailable(f"database unavailable: {exc}") from exc
+        # Database errors leave the repositories as Sluice errors (db_boundary).
+        stats = await repository.queue_stats(self._pool, request.campaign_id or None)
+        backlog = await controls.provider_backlog(self._pool)
+        held = await controls.held(self._pool)
         return router_pb2.GetQueueStatsResponse(
             counts=[
                 router_pb2.QueueCount(
@@ -107,7 +97,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.PauseProviderResponse:
         """Pauses a provider for every intent or one."""
         config, kind = self._target(request.provider, request.intent)
-        await self._db(controls.pause(self._pool, config.name, kind, request.reason[:500]))
+        await controls.pause(self._pool, config.name, kind, request.reason[:500])
         await self._refresh()
         return router_pb2.PauseProviderResponse(
             provider=self._provider(config, await self._pauses())
@@ -118,7 +108,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
     ) -> router_pb2.ResumeProviderResponse:
         """Resumes a paused provider; intents that waited for a provider are due at once."""
         config, kind = self._target(request.provider, request.intent)
-        released = await self._db(controls.resume(self._pool, config.name, kind))
+        released = await controls.resume(self._pool, config.name, kind)
         await self._refresh()
         return router_pb2.ResumeProviderResponse(
             provider=self._provider(config, await self._pauses()), released=released
@@ -159,9 +149,7 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             limit=request.limit or MAX_RETRY_LIMIT,
             deadline_extension_seconds=extension,
         )
-        count, replayed = await self._db(
-            controls.retry_failed(self._pool, request.request_id, where)
-        )
+        count, replayed = await controls.retry_failed(self._pool, request.request_id, where)
         return router_pb2.RetryFailedResponse(requeued=count, replayed=replayed)
 
     # ---- helpers -----------------------------------------------------------------------
@@ -182,14 +170,8 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             )
         return config, kind
 
-    async def _db(self, call: Awaitable[_T]) -> _T:
-        try:
-            return await call
-        except _DB_DOWN as exc:
-            raise Unavailable(f"database unavailable: {exc}") from exc
-
     async def _pauses(self) -> frozenset[tuple[str, str]]:
-        return frozenset(await self._db(controls.paused(self._pool)))
+        return frozenset(await controls.paused(self._pool))
 
     async def _refresh(self) -> None:
         # This router follows at once; the others within their refresh interval.

@@ -18,6 +18,7 @@ class RouterSettings(CommonSettings):
 
     service: ClassVar[str] = "router"
 
+    metrics_port: int = 9092
     router_port: int = 50052
     sender_target: str = "127.0.0.1:50053"
     router_batch_size: int = 500
@@ -43,6 +44,13 @@ class RouterSettings(CommonSettings):
     circuit_max_latency_seconds: float = 5.0
     circuit_min_samples: int = 50
     circuit_cooldown_seconds: float = 30.0
+    #: File holding the token (scope ``send``) the router presents to senders.
+    sender_token_file: str = ""
+    #: CA that signed the senders' certificates: the channel to senders uses TLS.
+    sender_tls_ca_file: str = ""
+    #: The router's client certificate and key, for senders that require mutual TLS.
+    sender_tls_cert_file: str = ""
+    sender_tls_key_file: str = ""
 
     def validate(self) -> None:
         super().validate()

@@ -1,15 +1,22 @@
-"""Wiring of the sender service: Redis, provider adapters, limiter, server, shutdown."""
+"""Wiring of the sender service: its resources (Redis, provider adapters), and the builder
+of its Service."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
-from sluice.common.grpcserver import ServerHandle, build_server
-from sluice.common.providers import load_providers
+import redis.asyncio as aioredis
+
+from sluice.common.app import new_service
+from sluice.common.metrics import Metrics
+from sluice.common.providers import ProviderConfig, load_providers
 from sluice.common.redis import create_redis
+from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
-from sluice.sender.providers import build_provider
+from sluice.sender.metrics import SenderMetrics
+from sluice.sender.providers import EmailProvider, build_provider
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
@@ -18,25 +25,75 @@ from sluice.v1 import sender_pb2, sender_pb2_grpc
 SERVICE_NAME = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
 
 
+@dataclass(frozen=True)
+class SenderResources:
+    """What the sender uses, opened once by :func:`open_resources` (or by a test)."""
+
+    redis: aioredis.Redis
+    providers: Mapping[str, ProviderConfig]
+    adapters: Mapping[str, EmailProvider]
+
+
+async def open_resources(
+    settings: SenderSettings, stack: contextlib.AsyncExitStack
+) -> SenderResources:
+    """Opens Redis and every provider's adapter on ``stack`` (closed in reverse)."""
+    providers = {p.name: p for p in load_providers(settings.providers_file)}
+    redis = await create_redis(settings.require_redis())
+    stack.push_async_callback(redis.aclose)
+    adapters: dict[str, EmailProvider] = {}
+    for config in providers.values():
+        adapter = build_provider(config, redis=redis, prefix=settings.redis_prefix)
+        stack.push_async_callback(adapter.aclose)
+        adapters[config.name] = adapter
+    return SenderResources(redis=redis, providers=providers, adapters=adapters)
+
+
+def build(
+    settings: SenderSettings,
+    resources: SenderResources,
+    telemetry: Telemetry,
+    metrics: Metrics,
+    *,
+    port: int | None = None,
+) -> Service:
+    """The sender Service, not started."""
+    service, grpc_listener = new_service(
+        "sender",
+        settings,
+        telemetry,
+        metrics,
+        grpc_port=settings.sender_port if port is None else port,
+        service_names=[SERVICE_NAME],
+    )
+    servicer = SenderServicer(
+        resources.providers,
+        resources.adapters,
+        RateLimiter(resources.redis, settings.redis_prefix),
+        telemetry,
+        SenderMetrics(metrics),
+    )
+    sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, grpc_listener.server)
+    return service
+
+
 @contextlib.asynccontextmanager
 async def running(
-    settings: SenderSettings, telemetry: Telemetry, *, port: int | None = None
-) -> AsyncIterator[ServerHandle]:
-    """Runs the sender gRPC server until the block exits, then shuts it down in order."""
-    providers = {p.name: p for p in load_providers(settings.providers_file)}
+    settings: SenderSettings,
+    telemetry: Telemetry,
+    *,
+    port: int | None = None,
+    metrics: Metrics | None = None,
+) -> AsyncIterator[Service]:
+    """Runs the sender until the block exits, then stops it (bounded) and closes resources."""
     async with contextlib.AsyncExitStack() as stack:
-        redis = await create_redis(settings.require_redis())
-        stack.push_async_callback(redis.aclose)
-        adapters = {}
-        for config in providers.values():
-            adapter = build_provider(config, redis=redis, prefix=settings.redis_prefix)
-            stack.push_async_callback(adapter.aclose)
-            adapters[config.name] = adapter
-        servicer = SenderServicer(
-            providers, adapters, RateLimiter(redis, settings.redis_prefix), telemetry
+        resources = await open_resources(settings, stack)
+        service = build(
+            settings,
+            resources,
+            telemetry,
+            metrics or Metrics("sender", enabled=settings.metrics_port >= 0),
+            port=port,
         )
-        handle = ServerHandle(build_server(telemetry), [SERVICE_NAME])
-        sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, handle.server)
-        await handle.start(settings.listen_host, settings.sender_port if port is None else port)
-        stack.push_async_callback(handle.stop, settings.shutdown_grace_seconds)
-        yield handle
+        await stack.enter_async_context(service.running())
+        yield service

@@ -18,7 +18,7 @@ script touches one Redis Cluster slot)::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 
 import redis.asyncio as aioredis
@@ -44,6 +44,8 @@ class Grant:
     granted: int
     retry_after: float
     at_us: int = 0
+    #: Messages the sustained bucket still allows after this grant (None: unlimited).
+    tokens_left: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,8 +112,13 @@ class RateLimiter:
             raise ValueError("n must not be negative")
         if n == 0 or provider.unlimited:
             return Grant(granted=n, retry_after=0.0)
-        granted, retry_us, _, _, at_us = await self._run(provider, n, "acquire", now_us)
-        return Grant(granted=granted, retry_after=retry_us / _MICROS, at_us=at_us)
+        granted, retry_us, tokens_u, _, at_us = await self._run(provider, n, "acquire", now_us)
+        return Grant(
+            granted=granted,
+            retry_after=retry_us / _MICROS,
+            at_us=at_us,
+            tokens_left=None if tokens_u < 0 else tokens_u / _MICROS,
+        )
 
     async def capacity(self, provider: ProviderConfig, *, now_us: int | None = None) -> Capacity:
         """Reads what the limits allow now without reserving (the script writes nothing)."""

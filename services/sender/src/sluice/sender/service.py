@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 
 import grpc
@@ -17,8 +18,10 @@ import grpc
 from sluice.common.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from sluice.common.grpcserver import duration_from_seconds
 from sluice.common.logging import redact_email
+from sluice.common.metrics import disabled_metrics
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry, context_from_traceparent
+from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.render import RenderError, Template, render
@@ -32,6 +35,14 @@ _OUTCOMES = {
     "permanent": sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
     "unavailable": sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE,
 }
+_OUTCOME_NAMES = {
+    sender_pb2.SEND_OUTCOME_UNSPECIFIED: "unspecified",
+    sender_pb2.SEND_OUTCOME_ACCEPTED: "accepted",
+    sender_pb2.SEND_OUTCOME_THROTTLED: "throttled",
+    sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE: "transient",
+    sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE: "permanent",
+    sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE: "unavailable",
+}
 MAX_MESSAGES = 5000
 
 
@@ -44,11 +55,13 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
         adapters: Mapping[str, EmailProvider],
         limiter: RateLimiter,
         telemetry: Telemetry,
+        metrics: SenderMetrics | None = None,
     ) -> None:
         self._providers = providers
         self._adapters = adapters
         self._limiter = limiter
         self._telemetry = telemetry
+        self._metrics = metrics if metrics is not None else SenderMetrics(disabled_metrics())
 
     def _provider(self, name: str) -> ProviderConfig:
         if not name:
@@ -87,6 +100,10 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             from_address=request.template.from_address,
         )
         grant = await self._limiter.acquire(config, len(messages))
+        if grant.tokens_left is not None or grant.granted < len(messages):
+            self._metrics.observe_grant(
+                config.name, len(messages), grant.granted, grant.tokens_left or 0.0
+            )
         results: list[sender_pb2.SendResult | None] = [None] * len(messages)
         for i in range(grant.granted, len(messages)):
             results[i] = sender_pb2.SendResult(
@@ -152,12 +169,14 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                     )
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
+        self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
 
     async def _send_chunk(
         self, adapter: EmailProvider, chunk: Sequence[tuple[int, OutboundEmail]]
     ) -> list[ProviderResult]:
         emails = [email for _, email in chunk]
+        started = time.perf_counter()
         try:
             results = await adapter.send_batch(emails)
         except Unavailable as exc:
@@ -170,6 +189,8 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 ProviderResult(intent_id=e.intent_id, outcome="unavailable", reason=str(exc))
                 for e in emails
             ]
+        finally:
+            self._metrics.observe_call(adapter.name, time.perf_counter() - started)
         if len(results) != len(emails):
             raise RuntimeError(
                 f"provider {adapter.name} gave {len(results)} results for {len(emails)} messages"

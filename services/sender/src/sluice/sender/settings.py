@@ -14,6 +14,7 @@ class SenderSettings(CommonSettings):
 
     service: ClassVar[str] = "sender"
 
+    metrics_port: int = 9093
     sender_port: int = 50053
 
     def validate(self) -> None:
