@@ -5,6 +5,7 @@ circuit breaker's failover, outage holds released by a probe, and the fair-share
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 import time
 import uuid
@@ -378,3 +379,25 @@ async def test_a_round_whose_lease_grew_too_old_sends_nothing_and_gives_it_back(
     assert dispatcher.stats.lease_too_old == 2
     for row in (await rows(pg_pool, ids)).values():
         assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 0, None)
+
+
+async def test_intents_waiting_for_their_only_provider_flow_when_a_probe_reaches_it(
+    pg_dsn: str, pg_pool: asyncpg.Pool, template: str, fake: FakeSender, channel: grpc.aio.Channel
+) -> None:
+    only = (dataclasses.replace(PROVIDERS[0], intents=frozenset({"marketing", "transactional"})),)
+    dispatcher = make(pg_dsn, pg_pool, channel, providers=only, no_provider_wait_seconds=600.0)
+    fake.force, fake.capacity_down = sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE, True
+    await seed(pg_pool, ["ok-m@example.com"])
+    await dispatcher.run_round()  # cheap is found down
+    (urgent,) = await seed(pg_pool, ["ok-t@example.com"], kind="transactional")
+    await dispatcher.run_round()
+    row = await pg_pool.fetchrow(
+        "SELECT held_for, due_at > now() AS later FROM intents WHERE id = $1", urgent
+    )
+    assert row is not None
+    assert (row["held_for"], row["later"]) == ("kind:transactional", True)
+    fake.force, fake.capacity_down = None, False
+    assert await dispatcher.probe_once() == ["cheap"]
+    stored = await rows(pg_pool, [urgent])
+    assert stored[urgent]["due_at"] <= stored[urgent]["now"]
+    assert (await dispatcher.run_round()).sent == 2

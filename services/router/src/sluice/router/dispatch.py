@@ -276,6 +276,10 @@ class Dispatcher:
     async def _release_held(self, targets: Sequence[str]) -> None:
         for target in targets:
             released = await repository.release_held(self._pool, target)
+            config = self.state.providers.get(target)
+            # Intents of a kind it alone serves waited for "a provider", not for it by name.
+            for kind in sorted(config.intents) if config is not None else ():
+                released += await repository.release_held(self._pool, f"kind:{kind}")
             self.stats.outage_released += released
             log.info("%s answers again: released %d held intents", target, released)
         if targets:
