@@ -8,8 +8,9 @@ the next candidate. After ``cooldown`` seconds it is HALF_OPEN: one batch per
 row close it, one bad probe batch opens it again for another cool-down.
 
 A sample is a message that may have reached the provider: accepted (good) or failed
-transiently, unknown, or not handed over because the provider was unreachable (bad).
-Throttling and permanent failures say nothing about the provider and are not samples.
+transiently or unknown (bad). Throttling and permanent failures say nothing about the
+provider, and an unreachable provider is handled by the outage clock (held intents, probes),
+so none of those are samples.
 """
 
 from __future__ import annotations

@@ -117,10 +117,10 @@ class ProviderState:
             recovered.append(SENDER_TARGET)
         total = sum(counts.values())
         if total and counts[_UNAVAILABLE] == total:
+            # Unreachable is the outage clock's business (hold, probe, release), not the
+            # circuit's: an open circuit would keep traffic away for its whole cool-down
+            # after the outage ended (seen with a 1.5 s Redis restart: 30 s of waiting).
             self.outages.down(provider)
-            # An unreachable provider is a failure for its circuit, not for its samples of
-            # accepted mail: the health window would otherwise fill with one outage's noise.
-            self.circuits.record(provider, kind, ok=0, failed=1, seconds=outcome.seconds)
             return recovered
         accepted = counts[_ACCEPTED]
         if accepted and self.outages.up(provider):
