@@ -76,8 +76,8 @@ burst = 0
 intents = ["transactional", "marketing", "digest"]
 max_batch_size = 500
 
-[providers.options]
-record_ids = "false"
+[providers.settings]
+record_ids = false
 """
 
 Report = Callable[[str], None]

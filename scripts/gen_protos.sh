@@ -3,7 +3,7 @@
 # grpcio-tools and mypy-protobuf of the lock file. CI runs it and fails on any diff.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-out=libs/common/src
+out=libs/client/src
 pkg=$out/sluice/v1
 py=${PYTHON:-.venv/bin/python}
 rm -f "$pkg"/*_pb2*.py "$pkg"/*_pb2*.pyi

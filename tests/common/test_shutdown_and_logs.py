@@ -23,8 +23,8 @@ name = "slow"
 kind = "sandbox"
 cost_per_thousand = 0.1
 intents = ["marketing"]
-[providers.options]
-latency_ms = "800"
+[providers.settings]
+latency_ms = 800
 """
 
 TEMPLATE = sender_pb2.TemplateContent(

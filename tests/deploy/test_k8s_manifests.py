@@ -72,6 +72,9 @@ def pod_templates() -> Iterator[tuple[str, Doc]]:
     for doc in applied():
         if doc["kind"] in ("Deployment", "Job"):
             yield f"{doc['kind']}/{doc['metadata']['name']}", doc["spec"]["template"]
+        elif doc["kind"] == "CronJob":
+            template = doc["spec"]["jobTemplate"]["spec"]["template"]
+            yield f"CronJob/{doc['metadata']['name']}", template
 
 
 def config() -> dict[str, str]:
@@ -122,6 +125,7 @@ def test_expected_resources_exist_in_the_namespace() -> None:
         ("ConfigMap", "sluice-config"),
         ("ConfigMap", "sluice-providers"),
         ("Job", "sluice-migrate"),
+        ("CronJob", "sluice-partitions"),
         ("Deployment", "sluice-ingest"),
         ("Deployment", "sluice-router"),
         ("Deployment", "sluice-sender"),
@@ -252,7 +256,7 @@ def test_every_pod_is_hardened() -> None:
                 assert {"cpu", "memory"} <= resources[bound].keys(), f"{where} {bound}"
             # A read-only root needs somewhere writable for temporary files.
             assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"], where
-    assert seen == 4
+    assert seen == 5  # ingest, router, sender, migrate, partitions
 
 
 def test_configmap_keys_are_real_settings() -> None:
@@ -342,6 +346,14 @@ def test_migrate_job_runs_once_with_retries_and_cleans_up() -> None:
     assert {e["name"] for e in container["env"]} == {"DATABASE_URL_FILE"}
 
 
+def test_partitions_cronjob_keeps_partitions_ahead_and_never_overlaps() -> None:
+    cron = find("CronJob", "sluice-partitions")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid"
+    container = only_container(cron["jobTemplate"]["spec"]["template"])
+    assert container["command"][:2] == ["sluice", "partitions"]
+    assert "--retain-months" not in container["command"]  # dropping data is opt-in
+
+
 def test_providers_file_is_the_default_sandbox_set_mounted_where_settings_look() -> None:
     document = tomllib.loads(find("ConfigMap", "sluice-providers")["data"]["providers.toml"])
     assert parse_providers(document) == DEFAULT_PROVIDERS
@@ -384,6 +396,7 @@ def test_kubectl_kustomize_renders_the_same_resources() -> None:
     for doc in rendered:
         if doc["kind"] not in CLUSTER_SCOPED:
             assert doc["metadata"]["namespace"] == NAMESPACE
-        if doc["kind"] in ("Deployment", "Job"):
-            for container in doc["spec"]["template"]["spec"]["containers"]:
+        if doc["kind"] in ("Deployment", "Job", "CronJob"):
+            spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+            for container in spec["template"]["spec"]["containers"]:
                 assert container["image"] == f"{IMAGE}:{kustomization()['images'][0]['newTag']}"

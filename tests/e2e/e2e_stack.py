@@ -57,7 +57,7 @@ sustained_rate = 0
 burst = 0
 intents = ["transactional", "marketing", "digest"]
 max_batch_size = 500
-options = { record_ids = "true" }
+settings = { record_ids = true }
 """
 
 

@@ -67,7 +67,7 @@ sustained_rate = {rate}
 burst = {rate}
 intents = ["transactional", "marketing", "digest"]
 max_batch_size = 500
-options = {{ record_ids = "true", latency_ms = "{latency_ms}" }}
+settings = {{ record_ids = true, latency_ms = {latency_ms} }}
 """
 
 

@@ -37,7 +37,7 @@ sustained_rate = {SUSTAINED}
 burst = {BURST}
 intents = ["marketing"]
 max_batch_size = 10
-options = {{ record_ids = "true" }}
+settings = {{ record_ids = true }}
 """
 HAMMER_SECONDS = 4.0
 CLIENTS_PER_SENDER = 6

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from types import MappingProxyType
+from contextlib import AsyncExitStack
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -13,25 +14,25 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from sluice.common.errors import ConfigError, Unavailable
-from sluice.common.providers import ProviderConfig
+from sluice.common.providers import ProviderConfig, SandboxSettings
 from sluice.sender.providers import (
     EmailProvider,
     OutboundEmail,
     SandboxLedger,
     SandboxProvider,
-    build_provider,
+    build_adapters,
 )
 
 
-def config(kind: str = "sandbox", name: str = "ses", **options: str) -> ProviderConfig:
+def config(name: str = "ses", **settings: Any) -> ProviderConfig:
     return ProviderConfig(
         name=name,
-        kind=kind,
+        kind="sandbox",
         cost_per_thousand=0.1,
         sustained_rate=14,
         burst=30,
         intents=frozenset({"marketing"}),
-        options=MappingProxyType(options),
+        settings=SandboxSettings(**settings),
     )
 
 
@@ -50,7 +51,9 @@ def email(intent_id: str, recipient: str) -> OutboundEmail:
 async def test_outcomes_by_domain_in_order_and_recorded(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
-    provider = build_provider(config(), redis=redis_client, prefix=redis_prefix)
+    async with AsyncExitStack() as stack:
+        adapters = await build_adapters([config()], stack, redis=redis_client, prefix=redis_prefix)
+    provider = adapters["ses"]
     assert isinstance(provider, SandboxProvider)
     assert provider.name == "ses"
     before = time.time_ns() // 1000
@@ -81,7 +84,6 @@ async def test_outcomes_by_domain_in_order_and_recorded(
     # Every record carries the provider's hash tag.
     keys = {k.decode() async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")}
     assert keys == {f"{redis_prefix}:sandbox:{{ses}}:{what}" for what in ("count", "log", "ids")}
-    await provider.aclose()
 
 
 async def test_options_change_domains_latency_and_id_recording(
@@ -90,10 +92,10 @@ async def test_options_change_domains_latency_and_id_recording(
     provider = SandboxProvider(
         config(
             name="resend",
-            fail_domains="bad.test, worse.test",
-            flaky_domains="",
-            latency_ms="50",
-            record_ids="false",
+            fail_domains=("bad.test", "worse.test"),
+            flaky_domains=(),
+            latency_ms=50.0,
+            record_ids=False,
         ),
         redis_client,
         redis_prefix,
@@ -157,10 +159,47 @@ async def test_redis_down_is_unavailable_for_provider_and_ledger() -> None:
         await client.aclose()
 
 
-def test_bad_options_and_unknown_kinds_are_config_errors(redis_client: aioredis.Redis) -> None:
+async def test_injection_and_keep_last(redis_client: aioredis.Redis, redis_prefix: str) -> None:
+    throttling = SandboxProvider(
+        config(throttle_rate=1.0, throttle_retry_after=2.5), redis_client, redis_prefix
+    )
+    [r] = await throttling.send_batch([email("t", "x@example.com")])
+    assert (r.outcome, r.retry_after) == ("throttled", 2.5)
+    unknown = SandboxProvider(config(unknown_rate=1.0), redis_client, redis_prefix)
+    assert [r.outcome for r in await unknown.send_batch([email("u", "x@example.com")])] == [
+        "unknown"
+    ]
+    failing = SandboxProvider(config(failure_rate=1.0), redis_client, redis_prefix)
+    assert (await failing.send_batch([email("f", "x@example.com")]))[0].outcome == "transient"
+    # Its own rate: 2 per second, so of 5 at once the first 2 pass and the rest are throttled.
+    limited = SandboxProvider(config(rate=2.0, keep_last=3), redis_client, redis_prefix)
+    results = await limited.send_batch([email(f"r{i}", "x@example.com") for i in range(5)])
+    assert [r.outcome for r in results] == ["accepted"] * 2 + ["throttled"] * 3
+    assert all(r.retry_after == 0.5 for r in results[2:])
+    assert [m.intent_id for m in limited.recent()] == ["r2", "r3", "r4"]
+    assert limited.recent()[0].html == "<p>h</p>"
+    assert SandboxProvider(config(), redis_client, redis_prefix).recent() == []
+    assert await SandboxLedger(redis_client, redis_prefix).sent_count("ses") == 2
+
+
+def test_settings_are_typed_and_checked() -> None:
     with pytest.raises(ConfigError, match="latency_ms"):
-        SandboxProvider(config(latency_ms="soon"), redis_client, "p")
-    with pytest.raises(ConfigError, match="latency_ms"):
-        SandboxProvider(config(latency_ms="-1"), redis_client, "p")
-    with pytest.raises(ConfigError, match="kind 'ses'"):
-        build_provider(config(kind="ses"), redis=redis_client, prefix="p")
+        SandboxSettings(latency_ms=-1.0).check("p")
+    with pytest.raises(ConfigError, match="add up past 1"):
+        SandboxSettings(failure_rate=0.6, throttle_rate=0.6).check("p")
+    with pytest.raises(ConfigError, match="needs SesSettings"):
+        ProviderConfig("x", "ses", 0.1, 0, 0, frozenset({"marketing"}))
+
+
+def test_every_kind_has_a_factory_and_only_configured_kinds_are_imported() -> None:
+    import subprocess
+    import sys
+
+    from sluice.common.providers import PROVIDER_KINDS
+    from sluice.sender.providers import factory
+
+    assert all(callable(factory(kind)) for kind in PROVIDER_KINDS)
+    # A sandbox-only sender never imports aioboto3 (seconds of start-up on a loaded box).
+    probe = "import sys, sluice.sender.app; print('aioboto3' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -94,6 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
 
+    partitions = sub.add_parser(
+        "partitions",
+        help="create the coming months' intent partitions; drop expired ones (run monthly)",
+        description=(
+            "Creates the monthly partitions of the intents table up to --ahead months after "
+            "the current one, moving any rows the default partition caught for them, and, "
+            "with --retain-months, drops partitions (and their idempotency keys) that ended "
+            "more than that many months ago. Without --retain-months nothing is dropped."
+        ),
+    )
+    partitions.add_argument("--ahead", type=_positive_int, default=3, help="months (default 3)")
+    partitions.add_argument("--retain-months", type=_positive_int, default=None)
+
     dev = sub.add_parser(
         "dev",
         help="run ingest, router and sender in one foreground process for local work",
@@ -206,6 +219,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from sluice.cli.serve import run_migrate
 
         return run_migrate()
+    if command == "partitions":
+        from sluice.cli.partitions import run_partitions
+
+        return run_partitions(args.ahead, args.retain_months)
     if command == "dev":
         from sluice.cli.dev import run_dev
 

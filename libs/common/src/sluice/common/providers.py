@@ -3,22 +3,55 @@ which intents it serves.
 
 The router reads it to choose providers; the sender reads it to find each provider's
 adapter and rate limits. Both load the same file (``SLUICE_PROVIDERS_FILE``), or the
-built-in development set when none is given.
+built-in development set when none is given. Parsing is strict (see
+:mod:`sluice.common.provider_kinds`): an unknown key or a value of the wrong type stops
+start-up with a message naming the provider and the key.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any
+from typing import Any, Literal
 
 from sluice.common.errors import ConfigError
+from sluice.common.provider_kinds import (
+    KIND_SETTINGS,
+    KindSettings,
+    ResendSettings,
+    SandboxSettings,
+    Secret,
+    SendGridSettings,
+    SesSettings,
+    SmtpSettings,
+    check_value,
+    parse_settings,
+    reject_unknown,
+)
+
+__all__ = [
+    "DEFAULT_PROVIDERS",
+    "INTENT_KINDS",
+    "PROVIDER_KINDS",
+    "KindSettings",
+    "ProviderConfig",
+    "ResendSettings",
+    "SandboxSettings",
+    "Secret",
+    "SendGridSettings",
+    "SesSettings",
+    "SmtpSettings",
+    "load_providers",
+    "parse_providers",
+]
 
 INTENT_KINDS = ("transactional", "marketing", "digest")
-PROVIDER_KINDS = ("sandbox",)
+PROVIDER_KINDS = tuple(KIND_SETTINGS)
+# Names become Redis hash tags and metric labels: no braces, spaces or colons.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 
 
 @dataclass(frozen=True)
@@ -26,7 +59,12 @@ class ProviderConfig:
     """One provider as configured.
 
     ``sustained_rate`` is messages per second over time and ``burst`` the most messages in
-    any one second; 0 for either means that limit does not apply (``unlimited`` when both are 0).
+    any one second; ``requests_per_second`` and ``request_burst`` limit API calls the same
+    way (a batch call is one request); ``daily_quota`` caps messages per day. 0 means that
+    limit does not apply (``unlimited`` when both message limits are 0). ``verified`` says
+    the sending domain is verified (the router uses only verified providers);
+    ``smtputf8`` says it can take addresses that need SMTPUTF8. ``settings`` holds the
+    kind's own typed settings (``SandboxSettings`` for ``kind = "sandbox"``, ...).
     """
 
     name: str
@@ -37,11 +75,29 @@ class ProviderConfig:
     intents: frozenset[str]
     max_batch_size: int = 100
     enabled: bool = True
-    options: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    verified: bool = True
+    smtputf8: bool = False
+    requests_per_second: float = 0.0
+    request_burst: int = 0
+    daily_quota: int = 0
+    settings: KindSettings = field(default_factory=SandboxSettings)
+
+    def __post_init__(self) -> None:
+        expected = KIND_SETTINGS.get(self.kind)
+        if expected is None:
+            raise ConfigError(
+                f"provider {self.name!r}: kind {self.kind!r} is not one of "
+                f"{', '.join(PROVIDER_KINDS)}"
+            )
+        if not isinstance(self.settings, expected):
+            raise ConfigError(
+                f"provider {self.name!r}: kind {self.kind!r} needs {expected.__name__}, "
+                f"got {type(self.settings).__name__}"
+            )
 
     @property
     def unlimited(self) -> bool:
-        """True when neither rate limit applies."""
+        """True when neither message rate limit applies."""
         return self.sustained_rate <= 0 and self.burst <= 0
 
     def supports(self, intent: str) -> bool:
@@ -60,6 +116,7 @@ def _sandbox(
         burst=burst,
         intents=frozenset(intents),
         max_batch_size=50,
+        smtputf8=True,
     )
 
 
@@ -71,50 +128,80 @@ DEFAULT_PROVIDERS: tuple[ProviderConfig, ...] = (
     _sandbox("sendgrid", 0.20, 12, 25, ("marketing", "digest")),
 )
 
+# Top-level keys of one [[providers]] entry, their types, and defaults (None = required).
+_KEYS: dict[str, tuple[Any, Any]] = {
+    "name": (str, None),
+    "kind": (Literal["sandbox", "ses", "resend", "sendgrid", "smtp"], "sandbox"),
+    "cost_per_thousand": (float, None),
+    "sustained_rate": (float, 0.0),
+    "burst": (int, 0),
+    "intents": (tuple[str, ...], None),
+    "max_batch_size": (int, 100),
+    "enabled": (bool, True),
+    "verified": (bool, True),
+    "smtputf8": (bool, None),  # default depends on the kind, below
+    "requests_per_second": (float, 0.0),
+    "request_burst": (int, 0),
+    "daily_quota": (int, 0),
+}
+assert set(PROVIDER_KINDS) == set(_KEYS["kind"][0].__args__), "kinds listed twice must agree"
 
-def _provider_from_mapping(raw: Mapping[str, Any], where: str) -> ProviderConfig:
-    def need(key: str) -> Any:
-        if key not in raw:
-            raise ConfigError(f"{where}: missing required key {key!r}")
-        return raw[key]
 
-    name = str(need("name"))
-    kind = str(raw.get("kind", "sandbox"))
-    if kind not in PROVIDER_KINDS:
-        raise ConfigError(f"{where}: kind {kind!r} is not one of {', '.join(PROVIDER_KINDS)}")
-    intents = frozenset(str(i) for i in need("intents"))
-    unknown = intents - set(INTENT_KINDS)
-    if unknown:
-        raise ConfigError(f"{where}: unknown intents {sorted(unknown)}; use {list(INTENT_KINDS)}")
-    try:
-        config = ProviderConfig(
-            name=name,
-            kind=kind,
-            cost_per_thousand=float(need("cost_per_thousand")),
-            sustained_rate=float(raw.get("sustained_rate", 0)),
-            burst=int(raw.get("burst", 0)),
-            intents=intents,
-            max_batch_size=int(raw.get("max_batch_size", 100)),
-            enabled=bool(raw.get("enabled", True)),
-            options=MappingProxyType({str(k): str(v) for k, v in raw.get("options", {}).items()}),
-        )
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}") from exc
-    if config.cost_per_thousand < 0 or config.sustained_rate < 0 or config.burst < 0:
-        raise ConfigError(f"{where}: cost, sustained_rate and burst must not be negative")
-    if config.max_batch_size < 1:
-        raise ConfigError(f"{where}: max_batch_size must be at least 1")
-    if config.burst and config.sustained_rate > config.burst:
+def _provider_from_mapping(raw: Any, where: str) -> ProviderConfig:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a table")
+    if isinstance(raw.get("name"), str):
+        where = f"{where} ({raw['name']!r})"
+    if "options" in raw:
         raise ConfigError(
-            f"{where}: sustained_rate {config.sustained_rate} exceeds burst {config.burst}"
+            f"{where}: 'options' is now 'settings', with typed values (see the README)"
         )
-    return config
+    reject_unknown(raw, [*_KEYS, "settings"], where)
+    values: dict[str, Any] = {}
+    for key, (tp, default) in _KEYS.items():
+        if key in raw:
+            values[key] = check_value(raw[key], tp, f"{where}.{key}")
+        elif default is not None:
+            values[key] = default
+        elif key != "smtputf8":
+            raise ConfigError(f"{where}: missing required key {key!r}")
+    name, kind = values["name"], values["kind"]
+    if not _NAME.match(name):
+        raise ConfigError(f"{where}.name: use 1-63 letters, digits, '.', '_' or '-', got {name!r}")
+    values.setdefault("smtputf8", kind == "sandbox")
+    intents = frozenset(values.pop("intents"))
+    unknown = intents - set(INTENT_KINDS)
+    if unknown or not intents:
+        raise ConfigError(
+            f"{where}.intents: unknown or no intents {sorted(unknown)}; use {list(INTENT_KINDS)}"
+        )
+    settings_cls = KIND_SETTINGS[kind]
+    settings = parse_settings(settings_cls, raw.get("settings", {}), f"{where}.settings")
+    for key in ("cost_per_thousand", "sustained_rate", "burst", "requests_per_second"):
+        if values[key] < 0:
+            raise ConfigError(f"{where}.{key}: must not be negative")
+    for key in ("request_burst", "daily_quota"):
+        if values[key] < 0:
+            raise ConfigError(f"{where}.{key}: must not be negative")
+    if values["max_batch_size"] < 1:
+        raise ConfigError(f"{where}.max_batch_size: must be at least 1")
+    if values["burst"] and values["sustained_rate"] > values["burst"]:
+        raise ConfigError(
+            f"{where}: sustained_rate {values['sustained_rate']} exceeds burst {values['burst']}"
+        )
+    if values["request_burst"] and values["requests_per_second"] > values["request_burst"]:
+        raise ConfigError(
+            f"{where}: requests_per_second {values['requests_per_second']} exceeds "
+            f"request_burst {values['request_burst']}"
+        )
+    return ProviderConfig(intents=intents, settings=settings, **values)
 
 
 def parse_providers(
     document: Mapping[str, Any], source: str = "providers"
 ) -> tuple[ProviderConfig, ...]:
     """Builds provider configs from a parsed TOML document with a ``[[providers]]`` array."""
+    reject_unknown(document, ["providers"], source)
     raw_list = document.get("providers")
     if not isinstance(raw_list, list) or not raw_list:
         raise ConfigError(f"{source}: expected a non-empty [[providers]] array")

@@ -11,9 +11,9 @@ import asyncpg
 from sluice.common.app import new_service
 from sluice.common.db import create_pool
 from sluice.common.metrics import Metrics
-from sluice.common.providers import INTENT_KINDS
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
+from sluice.ingest import catalogue
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.service import IngestServicer
 from sluice.ingest.settings import IngestSettings
@@ -58,12 +58,13 @@ def build(
         telemetry,
         metrics,
         grpc_port=settings.ingest_port if port is None else port,
-        service_names=[SERVICE_NAME],
+        service_names=[SERVICE_NAME, *catalogue.SERVICE_NAMES],
     )
-    budgets = dict.fromkeys(INTENT_KINDS, settings.default_deadline_seconds)
+    budgets = {kind: w.total_seconds() for kind, w in settings.deadline_windows().items()}
     observer = IngestMetrics(metrics, budgets)
     servicer = IngestServicer(resources.pool, settings, observer)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, grpc_listener.server)
+    catalogue.register(grpc_listener.server, resources.pool, settings)
     return service, servicer
 
 

@@ -54,27 +54,41 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 # One statement for the whole batch. Arrays travel as one parameter each; variables go as
 # JSON text and are cast here, which keeps the statement independent of the jsonb codec.
 # due_at starts at send_at: that is when a router may first lease the intent.
+#
+# Idempotency is global although intents is partitioned by month (0005_catalogue.sql): the
+# key is claimed in the unpartitioned intent_keys first, and only rows whose key this
+# statement claimed are inserted. ON CONFLICT waits for a concurrent claim of the same key
+# to commit, as it did on intents' own unique index before. Both tables take the same
+# created_at (the transaction's now()).
 INSERT_INTENTS_SQL = """
+WITH u AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
+        $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[]
+    ) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
+           template_id, variables, send_at, deadline, traceparent)
+), claimed AS (
+    INSERT INTO intent_keys (idempotency_key, intent_id, payload_hash, created_at)
+    SELECT idempotency_key, id, payload_hash, now() FROM u
+    ON CONFLICT (idempotency_key) DO NOTHING
+    RETURNING intent_id
+)
 INSERT INTO intents (
     id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-    template_id, variables, send_at, deadline, due_at, traceparent
+    template_id, variables, send_at, deadline, due_at, traceparent, created_at
 )
 SELECT u.id, u.idempotency_key, u.payload_hash, u.campaign_id, u.recipient,
        u.kind::intent_kind, u.priority, u.template_id, u.variables::jsonb,
-       u.send_at, u.deadline, u.send_at, u.traceparent
-FROM unnest(
-    $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
-    $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[]
-) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-       template_id, variables, send_at, deadline, traceparent)
-ON CONFLICT (idempotency_key) DO NOTHING
+       u.send_at, u.deadline, u.send_at, u.traceparent, now()
+FROM u JOIN claimed ON claimed.intent_id = u.id
 RETURNING id
 """
 
-# The keys the INSERT skipped belong to rows that exist (committed by someone else, or by an
-# earlier call): read their id and hash so the caller always learns the intent's id.
+# The keys the INSERT skipped belong to intents that exist (committed by someone else, or by
+# an earlier call): read their id and hash so the caller always learns the intent's id.
 EXISTING_BY_KEY_SQL = """
-SELECT id, idempotency_key, payload_hash FROM intents WHERE idempotency_key = ANY($1::text[])
+SELECT intent_id AS id, idempotency_key, payload_hash
+FROM intent_keys WHERE idempotency_key = ANY($1::text[])
 """
 
 _INTENT_COLUMNS = """
@@ -154,6 +168,8 @@ class InsertOutcome:
     intent_id: UUID | None
     created: bool
     conflict: bool
+    #: Created with status ``suppressed`` (the recipient is on the suppression list).
+    suppressed: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import TypeVar
 
 import asyncpg
@@ -16,15 +16,21 @@ import grpc
 
 from sluice.common.errors import AlreadyExists, InvalidArgument, NotFound, SluiceError
 from sluice.common.metrics import disabled_metrics
-from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
+from sluice.common.model import (
+    KIND_TO_PROTO,
+    PROTO_TO_STATUS,
+    STATUS_TO_PROTO,
+    from_timestamp,
+    to_timestamp,
+)
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
-from sluice.ingest import repository
+from sluice.ingest import cancel, listing, repository, suppression_repository
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
-from sluice.ingest.validation import validate_submission
+from sluice.ingest.validation import normalize_recipient, validate_submission
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 T = TypeVar("T")
@@ -65,7 +71,9 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
     return msg
 
 
-def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailIntent:
+def _new_to_proto(
+    row: NewIntent, created_at: datetime, status: str = "pending"
+) -> intent_pb2.EmailIntent:
     return intent_to_proto(
         IntentRow(
             id=row.id,
@@ -79,7 +87,7 @@ def _new_to_proto(row: NewIntent, created_at: datetime) -> intent_pb2.EmailInten
             send_at=row.send_at,
             deadline=row.deadline,
             due_at=row.send_at,
-            status="pending",
+            status=status,
             provider=None,
             provider_message_id=None,
             attempts=0,
@@ -107,8 +115,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._pool = pool
         self._metrics = metrics if metrics is not None else IngestMetrics(disabled_metrics())
         self._templates = TemplateCache(pool)
-        self._default_deadline = timedelta(seconds=settings.default_deadline_seconds)
-        self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
+        self._default_deadline = settings.deadline_windows()
+        self._coalescer = InsertCoalescer(
+            lambda rows: suppression_repository.insert_intents(pool, rows)
+        )
 
     async def aclose(self) -> None:
         """Stops the background writers."""
@@ -145,7 +155,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         if outcome.conflict:
             raise _conflict(row.idempotency_key, outcome.intent_id)
         if outcome.created:
-            return ingest_pb2.SubmitIntentResponse(intent=_new_to_proto(row, now), created=True)
+            status = "suppressed" if outcome.suppressed else "pending"
+            return ingest_pb2.SubmitIntentResponse(
+                intent=_new_to_proto(row, now, status), created=True
+            )
         assert outcome.intent_id is not None
         stored = await repository.get_intent(self._pool, outcome.intent_id)
         if stored is None:  # only if deleted between the two statements
@@ -184,7 +197,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             except InvalidArgument as exc:
                 _set_error(results[i], exc)
         if rows:
-            outcomes = await repository.insert_intents(self._pool, rows)
+            outcomes = await suppression_repository.insert_intents(self._pool, rows)
             for i, row, outcome in zip(positions, rows, outcomes, strict=True):
                 if outcome.conflict:
                     _set_error(results[i], _conflict(row.idempotency_key, outcome.intent_id))
@@ -226,13 +239,29 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         status = PROTO_TO_STATUS.get(int(request.status)) if request.status else None
         if request.status and status is None:
             raise InvalidArgument("unknown status", [("status", "not an IntentStatus value")])
-        fingerprint = _filter_fingerprint(request.campaign_id, int(request.status))
+        recipient = _list_recipient(request.recipient)
+        created_after = (
+            from_timestamp(request.created_after) if request.HasField("created_after") else None
+        )
+        created_before = (
+            from_timestamp(request.created_before) if request.HasField("created_before") else None
+        )
+        fingerprint = _filter_fingerprint(
+            request.campaign_id,
+            int(request.status),
+            recipient,
+            request.created_after.ToJsonString() if created_after else "",
+            request.created_before.ToJsonString() if created_before else "",
+        )
         after = _decode_page_token(request.page_token, fingerprint) if request.page_token else None
-        rows = await repository.list_intents(
+        rows = await listing.list_intents(
             self._pool,
+            limit=size + 1,
+            recipient=recipient or None,
             campaign_id=request.campaign_id or None,
             status=status,
-            limit=size + 1,
+            created_after=created_after,
+            created_before=created_before,
             after=after,
         )
         page = rows[:size]
@@ -243,6 +272,29 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         return ingest_pb2.ListIntentsResponse(
             intents=[intent_to_proto(r) for r in page], next_page_token=token
         )
+
+    async def CancelIntent(
+        self, request: ingest_pb2.CancelIntentRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.CancelIntentResponse:
+        row, cancelled = await cancel.cancel_intent(self._pool, _parse_uuid(request.id, "id"))
+        return ingest_pb2.CancelIntentResponse(intent=intent_to_proto(row), cancelled=cancelled)
+
+    async def CancelCampaign(
+        self, request: ingest_pb2.CancelCampaignRequest, context: grpc.aio.ServicerContext
+    ) -> ingest_pb2.CancelCampaignResponse:
+        if not request.campaign_id:
+            raise InvalidArgument("campaign_id is required", [("campaign_id", "required")])
+        done = await cancel.cancel_campaign(self._pool, request.campaign_id)
+        return ingest_pb2.CancelCampaignResponse(cancelled=done.cancelled, leased=done.leased)
+
+
+def _list_recipient(raw: str) -> str:
+    if not raw:
+        return ""
+    try:
+        return normalize_recipient(raw)
+    except ValueError as exc:
+        raise InvalidArgument(f"recipient: {exc}", [("recipient", str(exc))]) from None
 
 
 _CODE_NAMES = {c.value[0]: c.name for c in grpc.StatusCode}
@@ -263,9 +315,11 @@ def _parse_uuid(value: str, field: str) -> uuid.UUID:
         raise InvalidArgument(f"{field} is not an intent id", [(field, "must be a UUID")]) from None
 
 
-def _filter_fingerprint(campaign_id: str, status: int) -> str:
-    # AIP-158: a page token is only valid with the filters it was issued for.
-    return hashlib.sha256(f"{campaign_id}\x00{status}".encode()).hexdigest()[:16]
+def _filter_fingerprint(campaign_id: str, status: int, *more: str) -> str:
+    # AIP-158: a page token is only valid with the filters it was issued for. Filters added
+    # later count only when set, so tokens issued before them stay valid.
+    extra = "".join(f"\x00{m}" for m in more) if any(more) else ""
+    return hashlib.sha256(f"{campaign_id}\x00{status}{extra}".encode()).hexdigest()[:16]
 
 
 def _encode_page_token(created_at: datetime, intent_id: uuid.UUID, fingerprint: str) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import ClassVar
 
 from sluice.common.settings import CommonSettings
@@ -17,8 +18,36 @@ class IngestSettings(CommonSettings):
     metrics_port: int = 9091
     ingest_port: int = 50051
     default_deadline_seconds: float = 86_400.0
+    #: Per-kind deadline windows (seconds from the later of now and send_at) for intents
+    #: that name no deadline; 0 means default_deadline_seconds.
+    deadline_transactional_seconds: float = 0.0
+    deadline_marketing_seconds: float = 0.0
+    deadline_digest_seconds: float = 0.0
+    #: Budget of one PreviewTemplate render, and how many render at once.
+    preview_timeout_seconds: float = 0.5
+    preview_max_chars: int = 1_000_000
+    preview_concurrency: int = 2
 
     def validate(self) -> None:
         super().validate()
         self.require_port("ingest_port")
         self.require_positive("default_deadline_seconds")
+        self.require_at_least(
+            0,
+            "deadline_transactional_seconds",
+            "deadline_marketing_seconds",
+            "deadline_digest_seconds",
+        )
+        self.require_positive("preview_timeout_seconds", "preview_max_chars", "preview_concurrency")
+
+    def deadline_windows(self) -> dict[str, timedelta]:
+        """The default deadline window of each intent kind."""
+        windows = {
+            "transactional": self.deadline_transactional_seconds,
+            "marketing": self.deadline_marketing_seconds,
+            "digest": self.deadline_digest_seconds,
+        }
+        return {
+            kind: timedelta(seconds=seconds or self.default_deadline_seconds)
+            for kind, seconds in windows.items()
+        }

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from email_validator import EmailNotValidError, validate_email
 
 from sluice.common.errors import InvalidArgument
-from sluice.common.model import PRIORITY, PROTO_TO_KIND, from_timestamp
+from sluice.common.model import PRIORITY, PROTO_TO_KIND
+from sluice.ingest import schedule
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.v1 import intent_pb2
 
@@ -26,7 +27,6 @@ MAX_VARIABLES = 64
 MAX_VARIABLE_NAME = 64
 MAX_VARIABLE_VALUE = 16 * 1024
 MAX_VARIABLES_TOTAL = 64 * 1024
-MAX_SCHEDULE_AHEAD = timedelta(days=366)
 
 
 def normalize_recipient(address: str) -> str:
@@ -55,6 +55,9 @@ def payload_hash(sub: intent_pb2.IntentSubmission, recipient: str) -> bytes:
         "send_at": sub.send_at.ToJsonString() if sub.HasField("send_at") else None,
         "deadline": sub.deadline.ToJsonString() if sub.HasField("deadline") else None,
     }
+    if sub.HasField("send_at_local"):
+        # only when set, so the hashes of intents stored before the field existed still match
+        canonical["send_at_local"] = [sub.send_at_local.date_time, sub.send_at_local.time_zone]
     encoded = json.dumps(canonical, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(encoded.encode("utf-8")).digest()
 
@@ -64,7 +67,7 @@ def validate_submission(
     templates: Mapping[str, TemplateRow],
     *,
     now: datetime,
-    default_deadline: timedelta,
+    default_deadline: timedelta | Mapping[str, timedelta],
     traceparent: str | None,
     field_prefix: str = "intent",
 ) -> NewIntent:
@@ -106,17 +109,7 @@ def validate_submission(
 
     _check_variables(sub, template, bad)
 
-    send_at = from_timestamp(sub.send_at) if sub.HasField("send_at") else now
-    if send_at > now + MAX_SCHEDULE_AHEAD:
-        bad("send_at", "at most 366 days ahead")
-    deadline = (
-        from_timestamp(sub.deadline) if sub.HasField("deadline") else send_at + default_deadline
-    )
-    if sub.HasField("deadline"):
-        if deadline <= now:
-            bad("deadline", "is in the past")
-        elif deadline <= send_at:
-            bad("deadline", "must be after send_at")
+    send_at, deadline = schedule.resolve(sub, kind, now=now, windows=default_deadline, bad=bad)
 
     if violations:
         raise InvalidArgument(

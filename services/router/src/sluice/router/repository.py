@@ -53,6 +53,8 @@ SET status = 'leased',
 WHERE id = ANY(ARRAY(
     SELECT id FROM intents
     WHERE status = 'pending' AND due_at <= now()
+      -- never a suppressed recipient, even in the moment before ingest marks it
+      AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.address = intents.recipient)
     ORDER BY priority, due_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -90,6 +92,7 @@ picked AS (
             SELECT id FROM intents
             WHERE status = 'pending' AND priority = d.priority
               AND campaign_id = d.campaign_id AND due_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.address = intents.recipient)
             ORDER BY due_at
             LIMIT (SELECT greatest(ceil($2::int * $3::float8),
                                    ceil($2::float8 / greatest(count(*), 1)))::int

@@ -16,7 +16,7 @@ from sluice.common.redis import create_redis
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
 from sluice.sender.metrics import SenderMetrics
-from sluice.sender.providers import EmailProvider, build_provider
+from sluice.sender.providers import EmailProvider, build_adapters
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.service import SenderServicer
 from sluice.sender.settings import SenderSettings
@@ -41,11 +41,9 @@ async def open_resources(
     providers = {p.name: p for p in load_providers(settings.providers_file)}
     redis = await create_redis(settings.require_redis())
     stack.push_async_callback(redis.aclose)
-    adapters: dict[str, EmailProvider] = {}
-    for config in providers.values():
-        adapter = build_provider(config, redis=redis, prefix=settings.redis_prefix)
-        stack.push_async_callback(adapter.aclose)
-        adapters[config.name] = adapter
+    adapters = await build_adapters(
+        providers.values(), stack, redis=redis, prefix=settings.redis_prefix
+    )
     return SenderResources(redis=redis, providers=providers, adapters=adapters)
 
 

@@ -31,7 +31,7 @@ class SenderMetrics:
         )
         self.call_duration = Histogram(
             "sluice_sender_provider_call_duration_seconds",
-            "Time of one call to a provider's API (one chunk of a batch).",
+            "Time of one adapter call: every provider request for one SendBatch.",
             ["provider"],
             buckets=LATENCY_BUCKETS,
             registry=registry,

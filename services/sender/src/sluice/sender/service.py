@@ -7,7 +7,6 @@ never dropped.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -34,6 +33,8 @@ _OUTCOMES = {
     "transient": sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE,
     "permanent": sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE,
     "unavailable": sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE,
+    "throttled": sender_pb2.SEND_OUTCOME_THROTTLED,
+    "unknown": sender_pb2.SEND_OUTCOME_UNKNOWN,
 }
 _OUTCOME_NAMES = {
     sender_pb2.SEND_OUTCOME_UNSPECIFIED: "unspecified",
@@ -42,6 +43,7 @@ _OUTCOME_NAMES = {
     sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE: "transient",
     sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE: "permanent",
     sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE: "unavailable",
+    sender_pb2.SEND_OUTCOME_UNKNOWN: "unknown",
 }
 MAX_MESSAGES = 5000
 
@@ -135,52 +137,53 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                         html=rendered.html,
                         text=rendered.text,
                         idempotency_key=msg.idempotency_key,
+                        reply_to=msg.reply_to or request.template.reply_to,
+                        headers=tuple({**request.template.headers, **msg.headers}.items()),
+                        tags=tuple(msg.tags.items()),
+                        list_unsubscribe_url=msg.list_unsubscribe_url,
                     ),
                 )
             )
 
+        # The adapter splits into its provider's batch shape itself (see providers.base).
         adapter = self._adapters[config.name]
-        chunks = [
-            outbound[start : start + config.max_batch_size]
-            for start in range(0, len(outbound), config.max_batch_size)
-        ]
         with self._spans(config.name, [messages[i] for i, _ in outbound]):
-            sent = await asyncio.gather(*(self._send_chunk(adapter, chunk) for chunk in chunks))
-        for chunk, chunk_results in zip(chunks, sent, strict=True):
-            for (i, email), result in zip(chunk, chunk_results, strict=True):
-                results[i] = sender_pb2.SendResult(
-                    intent_id=email.intent_id,
-                    outcome=_OUTCOMES[result.outcome],
-                    provider_message_id=result.provider_message_id,
-                    reason=result.reason,
-                    retry_after=duration_from_seconds(result.retry_after)
-                    if result.retry_after
-                    else None,
+            sent = await self._send(adapter, [email for _, email in outbound])
+        for (i, email), result in zip(outbound, sent, strict=True):
+            results[i] = sender_pb2.SendResult(
+                intent_id=email.intent_id,
+                outcome=_OUTCOMES[result.outcome],
+                provider_message_id=result.provider_message_id,
+                reason=result.reason,
+                retry_after=duration_from_seconds(result.retry_after)
+                if result.retry_after
+                else None,
+            )
+            if result.outcome == "permanent":
+                log.info(
+                    "permanent failure",
+                    extra={
+                        "provider": config.name,
+                        "intent_id": email.intent_id,
+                        "recipient": redact_email(email.recipient),
+                        "reason": result.reason,
+                    },
                 )
-                if result.outcome == "permanent":
-                    log.info(
-                        "permanent failure",
-                        extra={
-                            "provider": config.name,
-                            "intent_id": email.intent_id,
-                            "recipient": redact_email(email.recipient),
-                            "reason": result.reason,
-                        },
-                    )
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
 
-    async def _send_chunk(
-        self, adapter: EmailProvider, chunk: Sequence[tuple[int, OutboundEmail]]
+    async def _send(
+        self, adapter: EmailProvider, emails: Sequence[OutboundEmail]
     ) -> list[ProviderResult]:
-        emails = [email for _, email in chunk]
+        if not emails:
+            return []
         started = time.perf_counter()
         try:
             results = await adapter.send_batch(emails)
         except Unavailable as exc:
-            # Nothing in this chunk was handed to the provider (see the adapter contract).
+            # Nothing was handed to the provider (see the adapter contract).
             log.warning(
                 "provider unavailable",
                 extra={"provider": adapter.name, "messages": len(emails), "error": str(exc)},

@@ -3,40 +3,57 @@ SMTP), so the sender's servicer never knows which one it is talking to.
 
 Contract of ``EmailProvider.send_batch``:
 
-- It receives already rendered messages, at most the provider's ``max_batch_size``, that
-  the rate limiter has already reserved; it does no throttling of its own.
-- It returns exactly one ``ProviderResult`` per message, in the order given, with the
-  message's ``intent_id``.
-- It must not raise for a problem with single messages (a rejected address, content the
-  provider refuses, a per-message rate-limit answer): those are results, ``permanent``
-  when retrying can never help and ``transient`` (with ``retry_after`` when the provider
-  said when) when it may.
-- It raises ``sluice.common.errors.Unavailable`` only when nothing was handed to the
-  provider (connection refused, name resolution failed, the store the adapter needs is
-  down). The servicer answers ``PROVIDER_UNAVAILABLE`` for every message of the batch: the
-  router retries them without spending an attempt (an outage must not turn into failures)
-  and counts them against the provider's health, so it fails over.
-- When the batch may have reached the provider (a timeout after sending, a server error
-  for the whole batch), it returns ``transient`` results instead: those are attempts, and
-  the idempotency key below keeps a retry of an accepted batch from being delivered twice.
-- It passes ``idempotency_key`` to providers that accept one, so a retried send is not
-  delivered twice.
+- It receives every rendered message the rate limiter granted, any number of them, and
+  splits them into its provider's batch shape itself (Resend: 100 per call; SendGrid:
+  personalizations; SES and SMTP: one message per call, concurrently). It does no
+  throttling of its own.
+- It returns exactly one ``ProviderResult`` per message, in the order given, each with
+  the message's ``intent_id`` and one of these outcomes:
+
+  ``accepted``     the provider took it; ``provider_message_id`` is its id (acceptance is
+                   not delivery: webhooks report that later)
+  ``throttled``    the provider refused it for rate or quota now; ``retry_after`` says when
+  ``transient``    refused, may work later (``retry_after`` when the provider said when)
+  ``unknown``      the request may have been received (a timeout after sending, a cut
+                   connection): it may or may not be sent
+  ``permanent``    will never work as asked; ``reason`` says why
+  ``unavailable``  not handed over: this chunk never reached the provider
+
+- It raises ``sluice.common.errors.Unavailable`` only when nothing at all was handed to
+  the provider (``send_in_chunks`` does that). The servicer answers
+  ``PROVIDER_UNAVAILABLE`` for those messages: the router retries them without spending
+  an attempt and counts them against the provider's health, so it fails over.
+- It passes an idempotency key to providers that take one, so a retry is not sent twice.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import re
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-# "unavailable" is set by the servicer when an adapter raises Unavailable; adapters raise
-# rather than return it.
-Outcome = Literal["accepted", "transient", "permanent", "unavailable"]
+from sluice.common.errors import Unavailable
+from sluice.common.logging import redact_email
+
+Outcome = Literal["accepted", "throttled", "transient", "unknown", "permanent", "unavailable"]
+
+# The tag (SES message tag, Resend tag, SendGrid custom arg) carrying the intent id, so a
+# provider's delivery events can be matched back to the intent.
+INTENT_TAG = "sluice_intent_id"
+# Prefix of ProviderResult.reason when a provider's daily (or monthly) quota is used up;
+# the router can read "paused_until=<RFC 3339>" from it and route around the provider.
+QUOTA_REASON = "quota exhausted"
 
 
 @dataclass(frozen=True, slots=True)
 class OutboundEmail:
-    """One rendered message ready for a provider."""
+    """One rendered message ready for a provider.
+
+    ``headers`` are extra, already allow-listed headers; ``tags`` go to the provider's own
+    tag field with the intent id added (``all_tags``).
+    """
 
     intent_id: str
     recipient: str
@@ -45,15 +62,29 @@ class OutboundEmail:
     html: str
     text: str
     idempotency_key: str
+    reply_to: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+    tags: tuple[tuple[str, str], ...] = ()
+    list_unsubscribe_url: str = ""
+
+    def all_tags(self) -> tuple[tuple[str, str], ...]:
+        """The message's tags with the intent id first."""
+        return ((INTENT_TAG, self.intent_id), *(t for t in self.tags if t[0] != INTENT_TAG))
+
+    def all_headers(self) -> tuple[tuple[str, str], ...]:
+        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058)."""
+        url = self.list_unsubscribe_url
+        if not url:
+            return self.headers
+        extra = [("List-Unsubscribe", f"<{url}>")]
+        if url.startswith("https://"):
+            extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
+        return (*self.headers, *extra)
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderResult:
-    """What the provider did with one message.
-
-    ``accepted`` carries the provider's ``provider_message_id`` (acceptance is not
-    delivery: webhooks report that later); failures carry a ``reason``.
-    """
+    """What the provider did with one message (see the module docstring for outcomes)."""
 
     intent_id: str
     outcome: Outcome
@@ -74,6 +105,61 @@ class EmailProvider(Protocol):
         """Sends the messages; one result per message, in order."""
         ...
 
-    async def aclose(self) -> None:
-        """Releases connections and clients the adapter owns."""
-        ...
+
+_ADDRESS = re.compile(r"[^\s<>@\"'(),;:]+@[^\s<>@\"'(),;:]+")
+
+
+def provider_text(text: str, limit: int = 200) -> str:
+    """A provider's own words for a reason: bounded, and with any address in it redacted
+    (servers echo recipients: "550 <ada@example.com>: no such user"), since reasons are
+    logged."""
+    return _ADDRESS.sub(lambda m: redact_email(m.group(0)), text[:limit])
+
+
+def results_for(
+    messages: Sequence[OutboundEmail],
+    outcome: Outcome,
+    reason: str = "",
+    retry_after: float = 0.0,
+) -> list[ProviderResult]:
+    """The same answer for every message (a whole request refused, timed out...)."""
+    return [
+        ProviderResult(m.intent_id, outcome, reason=reason, retry_after=retry_after)
+        for m in messages
+    ]
+
+
+async def send_in_chunks(
+    chunks: Sequence[Sequence[OutboundEmail]],
+    send_chunk: Callable[[Sequence[OutboundEmail]], Awaitable[list[ProviderResult]]],
+    *,
+    concurrency: int,
+) -> list[ProviderResult]:
+    """Sends chunks at most ``concurrency`` at a time; results in message order.
+
+    A chunk whose ``send_chunk`` raises ``Unavailable`` was not handed over: its messages
+    answer ``unavailable``. When that is true of every chunk, ``Unavailable`` is raised.
+    """
+    gate = asyncio.Semaphore(max(1, concurrency))
+    failures: list[Unavailable] = []
+
+    async def one(chunk: Sequence[OutboundEmail]) -> list[ProviderResult]:
+        async with gate:
+            try:
+                results = await send_chunk(chunk)
+            except Unavailable as exc:
+                failures.append(exc)
+                return results_for(chunk, "unavailable", reason=str(exc))
+        if len(results) != len(chunk):
+            raise RuntimeError(f"{len(results)} results for {len(chunk)} messages")
+        return results
+
+    per_chunk = await asyncio.gather(*(one(c) for c in chunks))
+    if chunks and len(failures) == len(chunks):
+        raise failures[0]
+    return [r for results in per_chunk for r in results]
+
+
+def chunked(messages: Sequence[OutboundEmail], size: int) -> list[Sequence[OutboundEmail]]:
+    """``messages`` in consecutive chunks of at most ``size``."""
+    return [messages[i : i + size] for i in range(0, len(messages), size)]

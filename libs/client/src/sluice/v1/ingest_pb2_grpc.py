@@ -55,6 +55,16 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.ListIntentsRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.ListIntentsResponse.FromString,
                 _registered_method=True)
+        self.CancelIntent = channel.unary_unary(
+                '/sluice.v1.IngestService/CancelIntent',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.CancelIntentRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelIntentResponse.FromString,
+                _registered_method=True)
+        self.CancelCampaign = channel.unary_unary(
+                '/sluice.v1.IngestService/CancelCampaign',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -84,7 +94,24 @@ class IngestServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListIntents(self, request, context):
-        """Lists intents, newest first, filtered by campaign and status (AIP-158 paging).
+        """Lists intents, newest first, filtered by campaign, recipient, status and creation
+        time (AIP-158 paging).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelIntent(self, request, context):
+        """Cancels one pending (or scheduled) intent. An intent already being sent (leased)
+        or finished is FAILED_PRECONDITION; cancelling a cancelled intent is a no-op.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelCampaign(self, request, context):
+        """Cancels every pending (or scheduled) intent of a campaign in one transaction.
+        Leased intents finish; their count is returned.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +139,16 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.ListIntents,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.ListIntentsRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.ListIntentsResponse.SerializeToString,
+            ),
+            'CancelIntent': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelIntent,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelIntentRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.CancelIntentResponse.SerializeToString,
+            ),
+            'CancelCampaign': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCampaign,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +260,60 @@ class IngestService:
             '/sluice.v1.IngestService/ListIntents',
             sluice_dot_v1_dot_ingest__pb2.ListIntentsRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.ListIntentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelIntent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/CancelIntent',
+            sluice_dot_v1_dot_ingest__pb2.CancelIntentRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.CancelIntentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCampaign(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.IngestService/CancelCampaign',
+            sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -42,7 +42,17 @@ class IngestServiceStub:
     GetIntent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.GetIntentRequest, _ingest_pb2.GetIntentResponse]
     """Returns one intent by id."""
     ListIntents: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.ListIntentsRequest, _ingest_pb2.ListIntentsResponse]
-    """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+    """Lists intents, newest first, filtered by campaign, recipient, status and creation
+    time (AIP-158 paging).
+    """
+    CancelIntent: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.CancelIntentRequest, _ingest_pb2.CancelIntentResponse]
+    """Cancels one pending (or scheduled) intent. An intent already being sent (leased)
+    or finished is FAILED_PRECONDITION; cancelling a cancelled intent is a no-op.
+    """
+    CancelCampaign: _grpc.UnaryUnaryMultiCallable[_ingest_pb2.CancelCampaignRequest, _ingest_pb2.CancelCampaignResponse]
+    """Cancels every pending (or scheduled) intent of a campaign in one transaction.
+    Leased intents finish; their count is returned.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -58,7 +68,17 @@ class IngestServiceAsyncStub(IngestServiceStub):
     GetIntent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.GetIntentRequest, _ingest_pb2.GetIntentResponse]  # type: ignore[assignment]
     """Returns one intent by id."""
     ListIntents: _aio.UnaryUnaryMultiCallable[_ingest_pb2.ListIntentsRequest, _ingest_pb2.ListIntentsResponse]  # type: ignore[assignment]
-    """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+    """Lists intents, newest first, filtered by campaign, recipient, status and creation
+    time (AIP-158 paging).
+    """
+    CancelIntent: _aio.UnaryUnaryMultiCallable[_ingest_pb2.CancelIntentRequest, _ingest_pb2.CancelIntentResponse]  # type: ignore[assignment]
+    """Cancels one pending (or scheduled) intent. An intent already being sent (leased)
+    or finished is FAILED_PRECONDITION; cancelling a cancelled intent is a no-op.
+    """
+    CancelCampaign: _aio.UnaryUnaryMultiCallable[_ingest_pb2.CancelCampaignRequest, _ingest_pb2.CancelCampaignResponse]  # type: ignore[assignment]
+    """Cancels every pending (or scheduled) intent of a campaign in one transaction.
+    Leased intents finish; their count is returned.
+    """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     """Accepts email intents and answers questions about them."""
@@ -95,6 +115,28 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ingest_pb2.ListIntentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ingest_pb2.ListIntentsResponse, _abc.Awaitable[_ingest_pb2.ListIntentsResponse]]:
-        """Lists intents, newest first, filtered by campaign and status (AIP-158 paging)."""
+        """Lists intents, newest first, filtered by campaign, recipient, status and creation
+        time (AIP-158 paging).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelIntent(
+        self,
+        request: _ingest_pb2.CancelIntentRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.CancelIntentResponse, _abc.Awaitable[_ingest_pb2.CancelIntentResponse]]:
+        """Cancels one pending (or scheduled) intent. An intent already being sent (leased)
+        or finished is FAILED_PRECONDITION; cancelling a cancelled intent is a no-op.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelCampaign(
+        self,
+        request: _ingest_pb2.CancelCampaignRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ingest_pb2.CancelCampaignResponse, _abc.Awaitable[_ingest_pb2.CancelCampaignResponse]]:
+        """Cancels every pending (or scheduled) intent of a campaign in one transaction.
+        Leased intents finish; their count is returned.
+        """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

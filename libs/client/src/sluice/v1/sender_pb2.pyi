@@ -41,7 +41,8 @@ class _SendOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SendOutco
     """
     SEND_OUTCOME_UNKNOWN: _SendOutcome.ValueType  # 6
     """The request may have reached the provider, but no answer came back (a timeout after
-    sending, a cut connection): it may or may not have been accepted.
+    sending, a cut connection): it may or may not be sent. An attempt; a retry with the
+    same idempotency key is safe where the provider takes one.
     """
 
 class SendOutcome(_SendOutcome, metaclass=_SendOutcomeEnumTypeWrapper): ...
@@ -61,7 +62,8 @@ reached. Try again later; it is not an attempt, but it says the provider is unhe
 """
 SEND_OUTCOME_UNKNOWN: SendOutcome.ValueType  # 6
 """The request may have reached the provider, but no answer came back (a timeout after
-sending, a cut connection): it may or may not have been accepted.
+sending, a cut connection): it may or may not be sent. An attempt; a retry with the
+same idempotency key is safe where the provider takes one.
 """
 Global___SendOutcome: _TypeAlias = SendOutcome  # noqa: Y015
 
@@ -71,6 +73,26 @@ class TemplateContent(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
@@ -78,6 +100,8 @@ class TemplateContent(_message.Message):
     TEXT_BODY_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     FROM_ADDRESS_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     version: _builtins.int
     """Bumped on every change; lets a sender cache compiled templates."""
@@ -86,9 +110,15 @@ class TemplateContent(_message.Message):
     text_body: _builtins.str
     from_address: _builtins.str
     """Sender address, e.g. "Sluice <noreply@example.com>"."""
+    reply_to: _builtins.str
+    """Reply-To address for every message of the batch; a message's own reply_to wins."""
     @_builtins.property
     def variables(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The variables the template uses; every message must give each of them."""
+
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra headers for every message (allow-listed names only); a message's own win."""
 
     def __init__(
         self,
@@ -100,10 +130,12 @@ class TemplateContent(_message.Message):
         text_body: _builtins.str = ...,
         variables: _abc.Iterable[_builtins.str] | None = ...,
         from_address: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_address", b"from_address", "html_body", b"html_body", "id", b"id", "subject", b"subject", "text_body", b"text_body", "variables", b"variables", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_address", b"from_address", "headers", b"headers", "html_body", b"html_body", "id", b"id", "reply_to", b"reply_to", "subject", b"subject", "text_body", b"text_body", "variables", b"variables", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -133,11 +165,55 @@ class OutboundMessage(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     INTENT_ID_FIELD_NUMBER: _builtins.int
     RECIPIENT_FIELD_NUMBER: _builtins.int
     VARIABLES_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     TRACEPARENT_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
+    LIST_UNSUBSCRIBE_URL_FIELD_NUMBER: _builtins.int
     intent_id: _builtins.str
     """The intent this message sends."""
     recipient: _builtins.str
@@ -145,8 +221,22 @@ class OutboundMessage(_message.Message):
     """Passed to providers that accept one, so a retried send is not sent twice."""
     traceparent: _builtins.str
     """W3C traceparent of the intent's submitting call, so the send joins its trace."""
+    reply_to: _builtins.str
+    """Reply-To address of this message; overrides the template's."""
+    list_unsubscribe_url: _builtins.str
+    """One-click unsubscribe URL: sets List-Unsubscribe (and List-Unsubscribe-Post for https)."""
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra headers of this message (allow-listed names only)."""
+
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Tags passed to the provider's own field (SES message tags, SendGrid custom_args,
+        Resend tags) so its delivery events can be matched; the intent id is always added.
+        """
+
     def __init__(
         self,
         *,
@@ -155,10 +245,14 @@ class OutboundMessage(_message.Message):
         variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         idempotency_key: _builtins.str = ...,
         traceparent: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        list_unsubscribe_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["idempotency_key", b"idempotency_key", "intent_id", b"intent_id", "recipient", b"recipient", "traceparent", b"traceparent", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["headers", b"headers", "idempotency_key", b"idempotency_key", "intent_id", b"intent_id", "list_unsubscribe_url", b"list_unsubscribe_url", "recipient", b"recipient", "reply_to", b"reply_to", "tags", b"tags", "traceparent", b"traceparent", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -208,7 +302,10 @@ class SendResult(_message.Message):
     """Why it failed, for failures."""
     @_builtins.property
     def retry_after(self) -> _duration_pb2.Duration:
-        """For THROTTLED, and for TRANSIENT_FAILURE when the provider said when."""
+        """For THROTTLED, and for TRANSIENT_FAILURE when the provider said when. A provider
+        whose daily quota is used up answers THROTTLED until the quota resets, with a reason
+        starting "quota exhausted; paused_until=<RFC 3339 time>".
+        """
 
     def __init__(
         self,

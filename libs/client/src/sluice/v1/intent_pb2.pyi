@@ -136,6 +136,7 @@ class IntentSubmission(_message.Message):
     VARIABLES_FIELD_NUMBER: _builtins.int
     SEND_AT_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    SEND_AT_LOCAL_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """Required. The same key always names the same intent: a retry with the same
     key and payload returns the existing intent; a different payload is an error.
@@ -154,11 +155,19 @@ class IntentSubmission(_message.Message):
 
     @_builtins.property
     def send_at(self) -> _timestamp_pb2.Timestamp:
-        """Earliest time to send. Unset means now."""
+        """Earliest time to send, in UTC. Unset means now; a time in the past means now (more
+        than a day in the past is rejected as a client bug). Give send_at or send_at_local.
+        """
 
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
-        """Latest useful time to send. Unset means the intent's default window."""
+        """Latest useful time to send. Unset means the intent kind's default window, counted
+        from the later of now and send_at.
+        """
+
+    @_builtins.property
+    def send_at_local(self) -> Global___LocalDateTime:
+        """Earliest time to send as a wall-clock time in a time zone; ingest converts it to UTC."""
 
     def __init__(
         self,
@@ -171,14 +180,44 @@ class IntentSubmission(_message.Message):
         variables: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         send_at: _timestamp_pb2.Timestamp | None = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        send_at_local: Global___LocalDateTime | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "send_at", b"send_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "send_at", b"send_at", "send_at_local", b"send_at_local"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "send_at", b"send_at", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "send_at", b"send_at", "send_at_local", b"send_at_local", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___IntentSubmission: _TypeAlias = IntentSubmission  # noqa: Y015
+
+@_typing.final
+class LocalDateTime(_message.Message):
+    """A wall-clock time in an IANA time zone. A time that does not exist (the hour skipped
+    when clocks go forward) moves forward by the length of the gap; a time that happens
+    twice (the hour repeated when clocks go back) means the first of the two.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATE_TIME_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    date_time: _builtins.str
+    """ISO 8601 without an offset, e.g. "2026-03-29T09:00:00"."""
+    time_zone: _builtins.str
+    """An IANA zone, e.g. "Europe/Berlin"."""
+    def __init__(
+        self,
+        *,
+        date_time: _builtins.str = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["date_time", b"date_time", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocalDateTime: _TypeAlias = LocalDateTime  # noqa: Y015
 
 @_typing.final
 class EmailIntent(_message.Message):

@@ -1,0 +1,3 @@
+from tests.catalogue.catalogue_fixtures import stubs
+
+__all__ = ["stubs"]

@@ -1,0 +1,1 @@
+"""Local stand-ins for the email providers, speaking their documented wire behaviour."""
