@@ -23,6 +23,9 @@ from bench.e2e import Measurements, measure, median
 LEGEND = """\
   end to end: ingest → PostgreSQL → router → SendBatch → sender → unlimited sandbox → result
               written back; timed from the router's first lease until every intent is 'sent'
+  2 routers: another batch queued with the router stopped, then two router processes drain it
+  steady: both routers running while ingest takes another batch; timed from the first
+              submission until the last of that batch is sent
   metrics off: the same run with SLUICE_METRICS_PORT=-1 (nothing recorded or served);
               metrics cost = 1 - on/off (each run does both, back to back)
   ingest: SubmitIntents over gRPC, 1,000 per batch, 4 batches in flight, into an empty queue
@@ -59,6 +62,18 @@ def build_table(results: Measurements, count: int, runs: int) -> Table:
             "emails/s",
             results.e2e,
             f"{median(results.e2e) / pipeline_base:.2f}x bare pipeline",
+        ),
+        (
+            "end to end, 2 routers",
+            "emails/s",
+            results.e2e_two_routers,
+            f"{median(results.e2e_two_routers) / pipeline_base:.2f}x bare pipeline",
+        ),
+        (
+            "steady: ingest while sending",
+            "emails/s",
+            results.steady,
+            f"{median(results.steady) / pipeline_base:.2f}x bare pipeline",
         ),
         (
             "end to end, metrics off",
@@ -103,6 +118,8 @@ def save(results: Measurements, count: int, runs: int, where: dict[str, str]) ->
         "cpus": os.cpu_count(),
         **where,
         "e2e_emails_per_s": results.e2e,
+        "e2e_two_routers_emails_per_s": results.e2e_two_routers,
+        "steady_emails_per_s": results.steady,
         "e2e_metrics_off_emails_per_s": results.e2e_metrics_off,
         "ingest_intents_per_s": results.ingest,
         "ingest_unary_requests_per_s": results.unary,

@@ -105,6 +105,8 @@ class Measurements:
     ingest: list[float] = field(default_factory=list)
     unary: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
+    e2e_two_routers: list[float] = field(default_factory=list)
+    steady: list[float] = field(default_factory=list)
     e2e_metrics_off: list[float] = field(default_factory=list)
     baseline_insert: list[float] = field(default_factory=list)
     baseline_pipeline: list[float] = field(default_factory=list)
@@ -207,10 +209,10 @@ def new_intents(run: str, count: int) -> list[NewIntent]:
 class Service:
     """One ``sluice serve`` subprocess, its log, and a bounded stop."""
 
-    def __init__(self, name: str, env: dict[str, str], logdir: Path) -> None:
+    def __init__(self, name: str, env: dict[str, str], logdir: Path, label: str = "") -> None:
         self.name = name
         self.env = env
-        self.log_path = logdir / f"{name}.log"
+        self.log_path = logdir / f"{label or name}.log"
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -332,6 +334,16 @@ async def _submit_unary(
         return time.perf_counter() - started
 
 
+async def _wait_drained(conn: asyncpg.Connection[Any]) -> float:
+    """Polls until nothing is pending or leased; returns that time (perf_counter)."""
+    deadline = time.perf_counter() + RUN_TIMEOUT
+    while await conn.fetchval("SELECT count(*) FROM intents WHERE status IN ('pending', 'leased')"):
+        if time.perf_counter() > deadline:
+            raise RuntimeError(f"intents still open after {RUN_TIMEOUT:.0f} s")
+        await asyncio.sleep(DONE_POLL)
+    return time.perf_counter()
+
+
 async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[float, float]:
     """Polls until the first lease, then until nothing is pending or leased.
 
@@ -359,10 +371,11 @@ async def _wait_pipeline(conn: asyncpg.Connection[Any], count: int) -> tuple[flo
 
 async def e2e_run(
     servers_: Servers, count: int, workdir: Path, report: Report, *, metrics: bool = True
-) -> tuple[float, float, float, str]:
-    """One end-to-end run; returns (ingest intents/s, end-to-end emails/s, unary ingest
-    requests/s, cpu note). ``metrics=False`` runs the services with metrics off
-    (``SLUICE_METRICS_PORT=-1``: nothing recorded, nothing served), for their cost."""
+) -> E2eRun:
+    """One end-to-end run: ingest alone, 1 router, then (with metrics on) 2 routers and
+    ingest while sending. ``metrics=False`` runs the services with metrics off
+    (``SLUICE_METRICS_PORT=-1``: nothing recorded, nothing served), for their cost, and
+    stops after the 1-router row."""
     providers_file = workdir / "providers.toml"
     providers_file.write_text(PROVIDERS_TOML)
     prefix = f"bench{uuid.uuid4().hex[:8]}"
@@ -430,7 +443,51 @@ async def e2e_run(
             f"  end-to-end: {total:,} sent in {done - first:.2f} s from first lease = "
             f"{e2e_rate:,.0f} emails/s (CPU s: {cpu_note})"
         )
-        return ingest_rate, e2e_rate, unary_rate, cpu_note
+
+        if not metrics:
+            return E2eRun(ingest_rate, e2e_rate, unary_rate, cpu_note, 0.0, 0.0)
+
+        # Two routers: stop the first, queue another `count`, start both, time the drain.
+        await services["router"].stop()
+        await _submit_all(f"127.0.0.1:{ports['ingest']}", submissions(f"{prefix}r2", count))
+        routers = [services["router"]]
+        second_env = {
+            **services["router"].env,
+            "SLUICE_ROUTER_PORT": str(find_free_port()),
+            "SLUICE_METRICS_PORT": str(find_free_port()),
+        }
+        routers.append(Service("router", second_env, workdir, label="router2"))
+        stack.push_async_callback(routers[1].stop)
+        await asyncio.gather(*(r.start() for r in routers))
+        first, done = await _wait_pipeline(conn, count)
+        two_rate = count / (done - first)
+        report(
+            f"  end-to-end, 2 routers: {count:,} sent in {done - first:.2f} s = {two_rate:,.0f}/s"
+        )
+
+        # Steady state: both routers running while ingest takes `count` more; timed from the
+        # first submission until the last of them is sent.
+        started = time.perf_counter()
+        await _submit_all(f"127.0.0.1:{ports['ingest']}", submissions(f"{prefix}st", count))
+        done = await _wait_drained(conn)
+        steady_rate = count / (done - started)
+        report(
+            f"  steady state, ingest while sending (2 routers): {count:,} submitted and sent "
+            f"in {done - started:.2f} s = {steady_rate:,.0f}/s"
+        )
+        return E2eRun(ingest_rate, e2e_rate, unary_rate, cpu_note, two_rate, steady_rate)
+
+
+@dataclass(frozen=True)
+class E2eRun:
+    """The rates one e2e run measured (per second)."""
+
+    ingest: float
+    e2e: float
+    unary: float
+    cpu_note: str
+    e2e_two_routers: float
+    steady: float
 
 
 async def _drop_redis_keys(url: str, prefix: str) -> None:
@@ -512,16 +569,16 @@ async def measure(count: int, runs: int, report: Report) -> tuple[Measurements, 
             report(f"PostgreSQL: {servers_.postgres_label}; Redis: {servers_.redis_label}")
             for run in range(1, runs + 1):
                 report(f"run {run}/{runs}: end to end ({count:,} intents, services as processes)")
-                ingest_rate, e2e_rate, unary_rate, cpu_note = await e2e_run(
-                    servers_, count, workdir, report
-                )
-                results.ingest.append(ingest_rate)
-                results.unary.append(unary_rate)
-                results.e2e.append(e2e_rate)
-                results.notes.append(f"run {run} CPU s during send: {cpu_note}")
+                one = await e2e_run(servers_, count, workdir, report)
+                results.ingest.append(one.ingest)
+                results.unary.append(one.unary)
+                results.e2e.append(one.e2e)
+                results.e2e_two_routers.append(one.e2e_two_routers)
+                results.steady.append(one.steady)
+                results.notes.append(f"run {run} CPU s during send (1 router): {one.cpu_note}")
                 report(f"run {run}/{runs}: end to end again with metrics off")
-                _, off_rate, _, _ = await e2e_run(servers_, count, workdir, report, metrics=False)
-                results.e2e_metrics_off.append(off_rate)
+                off = await e2e_run(servers_, count, workdir, report, metrics=False)
+                results.e2e_metrics_off.append(off.e2e)
                 report(f"run {run}/{runs}: baseline (bare database pipeline, in process)")
                 insert_rate, pipeline_rate = await baseline_run(servers_, count, report)
                 results.baseline_insert.append(insert_rate)

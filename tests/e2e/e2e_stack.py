@@ -291,6 +291,7 @@ async def service_stack(
         "SLUICE_LOG_FORMAT": "json",
         "SLUICE_ROUTER_IDLE_SLEEP": "0.05",
         "SLUICE_SHUTDOWN_GRACE_SECONDS": SHUTDOWN_GRACE,
+        "SLUICE_WEBHOOK_PORT": "0",  # a free port: stacks run side by side
     }
     base.update(_prepare(log_dir, providers_toml))
     stack = Stack(env=clean_env(**base, **env), log_dir=log_dir)

@@ -103,9 +103,14 @@ async def test_running_router_sends_and_reports_over_grpc(
     orphan = await seed(pg_pool, ["ok@example.com"], kind="transactional")
     async with running(settings, disabled(), port=0) as handle:
         await wait_for_status(pg_pool, ok, "sent")
-        # Only a disabled provider serves it: it waits instead of failing.
         await wait_for_status(pg_pool, orphan, "pending")
         await wait_for_status(pg_pool, throttled, "pending")
+        # Its only provider is disabled: it waits for it (or its deadline), with the reason.
+        (waiting,) = (await rows(pg_pool, orphan)).values()
+        assert waiting["status"] == "pending"
+        assert waiting["last_error"] == (
+            "waiting: no usable provider for transactional (paused or disabled)"
+        )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=SERVICE_NAME)

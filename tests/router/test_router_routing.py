@@ -106,7 +106,7 @@ def test_an_intent_without_provider_fails_alone_and_the_rest_is_batched() -> Non
     plan = plan_routes([ok[0], orphan, ok[1], ok[2]], chooser, now=NOW)
     assert [c.intent_id for c in plan.decided] == [orphan.id]
     assert plan.decided[0].status == "failed"
-    assert plan.decided[0].last_error == "no enabled provider supports intent transactional"
+    assert plan.decided[0].last_error == "no configured provider supports intent transactional"
     assert len(plan.batches) == 1
     assert {i.id for i in plan.batches[0].intents} == {i.id for i in ok}
 

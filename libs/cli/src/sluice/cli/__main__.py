@@ -174,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="state folder for the embedded servers when the demo starts its own stack",
     )
 
+    status = sub.add_parser(
+        "status",
+        help="the queue, providers (health, limiter headroom, cost) and throughput, live",
+        description=(
+            "Redraws a running stack's queue and providers in place until Ctrl-C. Sends the "
+            "token in SLUICE_TOKEN (scope read), as 'sluice demo' does."
+        ),
+    )
+    status.add_argument("--router", default="127.0.0.1:50052", metavar="HOST:PORT")
+    status.add_argument("--sender", default="127.0.0.1:50053", metavar="HOST:PORT")
+    status.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    status.add_argument("--interval", type=float, default=5.0, metavar="SECONDS")
+
     bench = sub.add_parser(
         "bench",
         help="run the benchmarks (same as 'python -m bench' from the repository root)",
@@ -237,6 +250,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             campaign=args.campaign,
             timeout=args.timeout,
             state_dir=args.state_dir,
+        )
+    if command == "status":
+        from sluice.cli.status import run_status
+
+        return run_status(
+            router=args.router, sender=args.sender, once=args.once, interval=args.interval
         )
     if command == "bench":
         return _run_bench(args.count, args.runs)

@@ -16,6 +16,7 @@ import contextlib
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import cast
 
@@ -27,11 +28,11 @@ from rich.markup import escape
 from sluice.cli.demo_campaign import (
     FAIL_RECIPIENT,
     campaign_items,
-    new_campaign_id,
     submit_campaign,
 )
 from sluice.cli.demo_progress import watch_campaign
 from sluice.cli.demo_report import DemoResult, failure_lines, fold_stats, print_summary, status_name
+from sluice.cli.demo_spill import explain_routing, new_campaign_id
 from sluice.cli.stack_settings import StackSettings
 from sluice.common.auth import client_interceptors
 from sluice.v1 import ingest_pb2_grpc, router_pb2, router_pb2_grpc
@@ -75,14 +76,19 @@ async def run_demo(
     router_target: str,
     *,
     count: int,
-    campaign: str,
+    campaign: str | None,
     wait_seconds: float,
     console: Console,
     token: str = "",
 ) -> DemoResult:
     """Submits the campaign, waits for it, prints the summary and returns its numbers.
 
-    ``token`` (scopes submit and read) goes with every call; "" for a stack without auth."""
+    Without a campaign id it makes a fresh one, here, just before submitting: a generated
+    id carries the start of its marketing deadline (see :mod:`sluice.cli.demo_spill`).
+    ``token`` (scopes submit and read) goes with every call; "" for a stack without auth.
+    """
+    if campaign is None:
+        campaign = new_campaign_id(count)
     auth = client_interceptors(token)
     async with (
         grpc.aio.insecure_channel(ingest_target, interceptors=auth) as ingest_channel,
@@ -113,6 +119,7 @@ async def run_demo(
         )
         started = time.perf_counter()
         items = campaign_items(campaign, count)
+        routing = explain_routing(providers.providers, items, datetime.now(UTC))
         report = await submit_campaign(ingest, items, rpc_seconds=30)
         console.print(
             f"submitted in {report.seconds:.2f} s: [bold]{report.created} new, "
@@ -144,6 +151,7 @@ async def run_demo(
         elapsed=elapsed,
         timed_out=timed_out,
         costs=costs,
+        routing=routing,
     )
     print_summary(result, console, failures)
     return result
@@ -171,7 +179,7 @@ def run_demo_command(
                 count=count,
                 target=target,
                 router=router,
-                campaign=campaign or new_campaign_id(),
+                campaign=campaign,
                 wait_seconds=timeout,
                 state_dir=Path(state_dir),
             )
@@ -186,7 +194,7 @@ async def _demo_main(
     count: int,
     target: str | None,
     router: str | None,
-    campaign: str,
+    campaign: str | None,
     wait_seconds: float,
     state_dir: Path,
 ) -> int:

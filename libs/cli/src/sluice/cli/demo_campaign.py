@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import random
 import time
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from sluice.cli.demo_spill import SPILL_KINDS, campaign_deadline
 from sluice.common.model import KIND_TO_PROTO
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
@@ -54,7 +54,7 @@ def campaign_item(campaign: str, index: int) -> intent_pb2.IntentSubmission:
         variables["count"] = str(rng.randint(1, 40))
     elif kind == "marketing":
         variables["discount"] = f"{rng.choice((10, 15, 20, 25, 30))}%"
-    return intent_pb2.IntentSubmission(
+    submission = intent_pb2.IntentSubmission(
         idempotency_key=f"{campaign}/{index}",
         campaign_id=campaign,
         recipient=recipient,
@@ -62,16 +62,15 @@ def campaign_item(campaign: str, index: int) -> intent_pb2.IntentSubmission:
         template_id=TEMPLATE_FOR[kind],
         variables=variables,
     )
+    deadline = campaign_deadline(campaign) if kind in SPILL_KINDS else None
+    if deadline is not None:
+        submission.deadline.FromDatetime(deadline)
+    return submission
 
 
 def campaign_items(campaign: str, count: int) -> list[intent_pb2.IntentSubmission]:
     """The first ``count`` items of ``campaign``."""
     return [campaign_item(campaign, i) for i in range(count)]
-
-
-def new_campaign_id() -> str:
-    """A fresh, readable campaign id."""
-    return f"demo-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from rich.console import Console
@@ -50,6 +50,7 @@ class DemoResult:
     elapsed: float
     timed_out: bool
     costs: dict[str, float]
+    routing: list[str] = field(default_factory=list)
 
     @property
     def sent(self) -> int:
@@ -143,6 +144,14 @@ def print_summary(result: DemoResult, console: Console, failures: Sequence[str] 
             name, str(sent), str(counts["failed"]), f"{cost:.2f}", f"{sent * cost / 1000:.4f}"
         )
     console.print(providers)
+    if result.routing:
+        console.print(
+            "why: the routing policy's plan for this campaign from an empty queue "
+            "(cheapest provider that still meets each deadline):",
+            highlight=False,
+        )
+        for line in result.routing:
+            console.print(f"  {line}", highlight=False, markup=False)
 
     sent_now = result.sent - result.sent_before
     lines = [

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from sluice.v1 import events_pb2 as sluice_dot_v1_dot_events__pb2
 from sluice.v1 import intent_pb2 as sluice_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"]\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\"\xf3\x01\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Q\n\x14\x43\x61ncelIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x11\n\tcancelled\x18\x02 \x01(\x08\",\n\x15\x43\x61ncelCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelCampaignResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x03\x12\x0e\n\x06leased\x18\x02 \x01(\x03\x32\xf2\x03\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponse\x12O\n\x0c\x43\x61ncelIntent\x12\x1e.sluice.v1.CancelIntentRequest\x1a\x1f.sluice.v1.CancelIntentResponse\x12U\n\x0e\x43\x61ncelCampaign\x12 .sluice.v1.CancelCampaignRequest\x1a!.sluice.v1.CancelCampaignResponseBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/ingest.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/events.proto\x1a\x16sluice/v1/intent.proto\"B\n\x13SubmitIntentRequest\x12+\n\x06intent\x18\x01 \x01(\x0b\x32\x1b.sluice.v1.IntentSubmission\"O\n\x14SubmitIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"D\n\x14SubmitIntentsRequest\x12,\n\x07intents\x18\x01 \x03(\x0b\x32\x1b.sluice.v1.IntentSubmission\"]\n\x12SubmitIntentResult\x12\x11\n\tintent_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x12#\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x14.sluice.v1.ItemError\"G\n\x15SubmitIntentsResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.sluice.v1.SubmitIntentResult\"\x1e\n\x10GetIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"c\n\x11GetIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12&\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x16.sluice.v1.IntentEvent\"\xf3\x01\n\x12ListIntentsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12\'\n\x06status\x18\x02 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x12\x11\n\trecipient\x18\x05 \x01(\t\x12\x31\n\rcreated_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63reated_before\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x13ListIntentsResponse\x12\'\n\x07intents\x18\x01 \x03(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x13\x43\x61ncelIntentRequest\x12\n\n\x02id\x18\x01 \x01(\t\"Q\n\x14\x43\x61ncelIntentResponse\x12&\n\x06intent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.EmailIntent\x12\x11\n\tcancelled\x18\x02 \x01(\x08\",\n\x15\x43\x61ncelCampaignRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\";\n\x16\x43\x61ncelCampaignResponse\x12\x11\n\tcancelled\x18\x01 \x01(\x03\x12\x0e\n\x06leased\x18\x02 \x01(\x03\"\x95\x01\n\x18WatchIntentEventsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12+\n\x05types\x18\x03 \x03(\x0e\x32\x1c.sluice.v1.DeliveryEventType\x12\x14\n\x0c\x61\x66ter_cursor\x18\x04 \x01(\t\"B\n\x19WatchIntentEventsResponse\x12%\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x16.sluice.v1.IntentEvent2\xd4\x04\n\rIngestService\x12O\n\x0cSubmitIntent\x12\x1e.sluice.v1.SubmitIntentRequest\x1a\x1f.sluice.v1.SubmitIntentResponse\x12R\n\rSubmitIntents\x12\x1f.sluice.v1.SubmitIntentsRequest\x1a .sluice.v1.SubmitIntentsResponse\x12\x46\n\tGetIntent\x12\x1b.sluice.v1.GetIntentRequest\x1a\x1c.sluice.v1.GetIntentResponse\x12L\n\x0bListIntents\x12\x1d.sluice.v1.ListIntentsRequest\x1a\x1e.sluice.v1.ListIntentsResponse\x12O\n\x0c\x43\x61ncelIntent\x12\x1e.sluice.v1.CancelIntentRequest\x1a\x1f.sluice.v1.CancelIntentResponse\x12U\n\x0e\x43\x61ncelCampaign\x12 .sluice.v1.CancelCampaignRequest\x1a!.sluice.v1.CancelCampaignResponse\x12`\n\x11WatchIntentEvents\x12#.sluice.v1.WatchIntentEventsRequest\x1a$.sluice.v1.WatchIntentEventsResponse0\x01\x42\x43\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +35,36 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.ingest_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.sluice.v1P\001Z$sluice.dev/gen/go/sluice/v1;sluicev1\252\002\tSluice.V1'
-  _globals['_SUBMITINTENTREQUEST']._serialized_start=94
-  _globals['_SUBMITINTENTREQUEST']._serialized_end=160
-  _globals['_SUBMITINTENTRESPONSE']._serialized_start=162
-  _globals['_SUBMITINTENTRESPONSE']._serialized_end=241
-  _globals['_SUBMITINTENTSREQUEST']._serialized_start=243
-  _globals['_SUBMITINTENTSREQUEST']._serialized_end=311
-  _globals['_SUBMITINTENTRESULT']._serialized_start=313
-  _globals['_SUBMITINTENTRESULT']._serialized_end=406
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=408
-  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=479
-  _globals['_GETINTENTREQUEST']._serialized_start=481
-  _globals['_GETINTENTREQUEST']._serialized_end=511
-  _globals['_GETINTENTRESPONSE']._serialized_start=513
-  _globals['_GETINTENTRESPONSE']._serialized_end=572
-  _globals['_LISTINTENTSREQUEST']._serialized_start=575
-  _globals['_LISTINTENTSREQUEST']._serialized_end=818
-  _globals['_LISTINTENTSRESPONSE']._serialized_start=820
-  _globals['_LISTINTENTSRESPONSE']._serialized_end=907
-  _globals['_CANCELINTENTREQUEST']._serialized_start=909
-  _globals['_CANCELINTENTREQUEST']._serialized_end=942
-  _globals['_CANCELINTENTRESPONSE']._serialized_start=944
-  _globals['_CANCELINTENTRESPONSE']._serialized_end=1025
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1027
-  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1071
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1073
-  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1132
-  _globals['_INGESTSERVICE']._serialized_start=1135
-  _globals['_INGESTSERVICE']._serialized_end=1633
+  _globals['_SUBMITINTENTREQUEST']._serialized_start=118
+  _globals['_SUBMITINTENTREQUEST']._serialized_end=184
+  _globals['_SUBMITINTENTRESPONSE']._serialized_start=186
+  _globals['_SUBMITINTENTRESPONSE']._serialized_end=265
+  _globals['_SUBMITINTENTSREQUEST']._serialized_start=267
+  _globals['_SUBMITINTENTSREQUEST']._serialized_end=335
+  _globals['_SUBMITINTENTRESULT']._serialized_start=337
+  _globals['_SUBMITINTENTRESULT']._serialized_end=430
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_start=432
+  _globals['_SUBMITINTENTSRESPONSE']._serialized_end=503
+  _globals['_GETINTENTREQUEST']._serialized_start=505
+  _globals['_GETINTENTREQUEST']._serialized_end=535
+  _globals['_GETINTENTRESPONSE']._serialized_start=537
+  _globals['_GETINTENTRESPONSE']._serialized_end=636
+  _globals['_LISTINTENTSREQUEST']._serialized_start=639
+  _globals['_LISTINTENTSREQUEST']._serialized_end=882
+  _globals['_LISTINTENTSRESPONSE']._serialized_start=884
+  _globals['_LISTINTENTSRESPONSE']._serialized_end=971
+  _globals['_CANCELINTENTREQUEST']._serialized_start=973
+  _globals['_CANCELINTENTREQUEST']._serialized_end=1006
+  _globals['_CANCELINTENTRESPONSE']._serialized_start=1008
+  _globals['_CANCELINTENTRESPONSE']._serialized_end=1089
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_start=1091
+  _globals['_CANCELCAMPAIGNREQUEST']._serialized_end=1135
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_start=1137
+  _globals['_CANCELCAMPAIGNRESPONSE']._serialized_end=1196
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_start=1199
+  _globals['_WATCHINTENTEVENTSREQUEST']._serialized_end=1348
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_start=1350
+  _globals['_WATCHINTENTEVENTSRESPONSE']._serialized_end=1416
+  _globals['_INGESTSERVICE']._serialized_start=1419
+  _globals['_INGESTSERVICE']._serialized_end=2015
 # @@protoc_insertion_point(module_scope)

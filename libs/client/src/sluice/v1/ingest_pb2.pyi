@@ -8,6 +8,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from sluice.v1 import events_pb2 as _events_pb2
 from sluice.v1 import intent_pb2 as _intent_pb2
 import builtins as _builtins
 import sys
@@ -162,16 +163,22 @@ class GetIntentResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     INTENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def intent(self) -> _intent_pb2.EmailIntent: ...
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[_events_pb2.IntentEvent]:
+        """The provider events about this intent, oldest first."""
+
     def __init__(
         self,
         *,
         intent: _intent_pb2.EmailIntent | None = ...,
+        events: _abc.Iterable[_events_pb2.IntentEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "intent", b"intent"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -339,3 +346,57 @@ class CancelCampaignResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelCampaignResponse: _TypeAlias = CancelCampaignResponse  # noqa: Y015
+
+@_typing.final
+class WatchIntentEventsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    TYPES_FIELD_NUMBER: _builtins.int
+    AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    campaign_id: _builtins.str
+    """Only events of this campaign; empty means all."""
+    intent: _intent_pb2.Intent.ValueType
+    """Only events of intents of this kind; unspecified means all."""
+    after_cursor: _builtins.str
+    """Resume after this cursor (from IntentEvent.cursor). Empty: only events from now on."""
+    @_builtins.property
+    def types(self) -> _containers.RepeatedScalarFieldContainer[_events_pb2.DeliveryEventType.ValueType]:
+        """Only these event types; empty means all."""
+
+    def __init__(
+        self,
+        *,
+        campaign_id: _builtins.str = ...,
+        intent: _intent_pb2.Intent.ValueType = ...,
+        types: _abc.Iterable[_events_pb2.DeliveryEventType.ValueType] | None = ...,
+        after_cursor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "campaign_id", b"campaign_id", "intent", b"intent", "types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchIntentEventsRequest: _TypeAlias = WatchIntentEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchIntentEventsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def event(self) -> _events_pb2.IntentEvent: ...
+    def __init__(
+        self,
+        *,
+        event: _events_pb2.IntentEvent | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchIntentEventsResponse: _TypeAlias = WatchIntentEventsResponse  # noqa: Y015

@@ -65,6 +65,11 @@ class IngestServiceStub:
                 request_serializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.FromString,
                 _registered_method=True)
+        self.WatchIntentEvents = channel.unary_stream(
+                '/sluice.v1.IngestService/WatchIntentEvents',
+                request_serializer=sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsResponse.FromString,
+                _registered_method=True)
 
 
 class IngestServiceServicer:
@@ -117,6 +122,15 @@ class IngestServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchIntentEvents(self, request, context):
+        """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+        first. Resumable: pass the cursor of the last event received to continue after a
+        disconnect without losing any.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IngestServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -149,6 +163,11 @@ def add_IngestServiceServicer_to_server(servicer, server):
                     servicer.CancelCampaign,
                     request_deserializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.SerializeToString,
+            ),
+            'WatchIntentEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchIntentEvents,
+                    request_deserializer=sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +333,33 @@ class IngestService:
             '/sluice.v1.IngestService/CancelCampaign',
             sluice_dot_v1_dot_ingest__pb2.CancelCampaignRequest.SerializeToString,
             sluice_dot_v1_dot_ingest__pb2.CancelCampaignResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchIntentEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sluice.v1.IngestService/WatchIntentEvents',
+            sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsRequest.SerializeToString,
+            sluice_dot_v1_dot_ingest__pb2.WatchIntentEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

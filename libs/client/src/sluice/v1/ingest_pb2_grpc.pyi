@@ -53,6 +53,11 @@ class IngestServiceStub:
     """Cancels every pending (or scheduled) intent of a campaign in one transaction.
     Leased intents finish; their count is returned.
     """
+    WatchIntentEvents: _grpc.UnaryStreamMultiCallable[_ingest_pb2.WatchIntentEventsRequest, _ingest_pb2.WatchIntentEventsResponse]
+    """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+    first. Resumable: pass the cursor of the last event received to continue after a
+    disconnect without losing any.
+    """
 
 @_typing.type_check_only
 class IngestServiceAsyncStub(IngestServiceStub):
@@ -78,6 +83,11 @@ class IngestServiceAsyncStub(IngestServiceStub):
     CancelCampaign: _aio.UnaryUnaryMultiCallable[_ingest_pb2.CancelCampaignRequest, _ingest_pb2.CancelCampaignResponse]  # type: ignore[assignment]
     """Cancels every pending (or scheduled) intent of a campaign in one transaction.
     Leased intents finish; their count is returned.
+    """
+    WatchIntentEvents: _aio.UnaryStreamMultiCallable[_ingest_pb2.WatchIntentEventsRequest, _ingest_pb2.WatchIntentEventsResponse]  # type: ignore[assignment]
+    """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+    first. Resumable: pass the cursor of the last event received to continue after a
+    disconnect without losing any.
     """
 
 class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -137,6 +147,17 @@ class IngestServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_ingest_pb2.CancelCampaignResponse, _abc.Awaitable[_ingest_pb2.CancelCampaignResponse]]:
         """Cancels every pending (or scheduled) intent of a campaign in one transaction.
         Leased intents finish; their count is returned.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchIntentEvents(
+        self,
+        request: _ingest_pb2.WatchIntentEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_ingest_pb2.WatchIntentEventsResponse], _abc.AsyncIterator[_ingest_pb2.WatchIntentEventsResponse]]:
+        """Streams provider events (deliveries, bounces, complaints...) as they arrive, oldest
+        first. Resumable: pass the cursor of the last event received to continue after a
+        disconnect without losing any.
         """
 
 def add_IngestServiceServicer_to_server(servicer: IngestServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

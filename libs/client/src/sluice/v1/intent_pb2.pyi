@@ -77,7 +77,7 @@ class _IntentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_IntentSt
     """Its deadline passed before it could be sent."""
 
 class IntentStatus(_IntentStatus, metaclass=_IntentStatusEnumTypeWrapper):
-    """Where an intent is in its lifecycle (see DESIGN.md)."""
+    """Where an intent is in its lifecycle (see docs/DESIGN.md)."""
 
 INTENT_STATUS_UNSPECIFIED: IntentStatus.ValueType  # 0
 INTENT_STATUS_PENDING: IntentStatus.ValueType  # 1

@@ -43,6 +43,8 @@ ALIASES: Mapping[str, str] = {
 SECRET_FILES: Mapping[str, str] = {
     "database_url": "DATABASE_URL_FILE",
     "redis_url": "REDIS_URL_FILE",
+    "resend_webhook_secret": "SLUICE_RESEND_WEBHOOK_SECRET_FILE",
+    "unsubscribe_secret": "SLUICE_UNSUBSCRIBE_SECRET_FILE",
 }
 
 #: SLUICE_* variables that are read by something other than a settings class (the test
@@ -75,7 +77,7 @@ def known_variables() -> frozenset[str]:
     for module in SERVICE_SETTINGS_MODULES:
         with contextlib.suppress(ModuleNotFoundError):
             importlib.import_module(module)
-    names = set(EXTRA_KNOWN_VARIABLES)
+    names = set(EXTRA_KNOWN_VARIABLES) | set(SECRET_FILES.values())
     for cls in _REGISTRY:
         names.update(variable_name(f.name) for f in fields(cls))
     return frozenset(names)

@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+import aiohttp
 import asyncpg
 
 from sluice.common.app import new_service
@@ -17,6 +18,7 @@ from sluice.ingest import catalogue
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.service import IngestServicer
 from sluice.ingest.settings import IngestSettings
+from sluice.ingest.webhooks import endpoint as webhooks
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc
 
 SERVICE_NAME = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
@@ -27,6 +29,8 @@ class IngestResources:
     """What ingest uses, opened once by :func:`open_resources` (or by a test)."""
 
     pool: asyncpg.Pool
+    #: HTTPS client of the webhook endpoint (SNS certificates, subscription confirmations).
+    http: aiohttp.ClientSession | None = None
 
 
 async def open_resources(
@@ -39,7 +43,10 @@ async def open_resources(
         application_name="sluice-ingest",
     )
     stack.push_async_callback(pool.close)
-    return IngestResources(pool=pool)
+    http = None
+    if settings.webhook_port >= 0:
+        http = await stack.enter_async_context(webhooks.http_client())
+    return IngestResources(pool=pool, http=http)
 
 
 def build(
@@ -65,6 +72,12 @@ def build(
     servicer = IngestServicer(resources.pool, settings, observer)
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, grpc_listener.server)
     catalogue.register(grpc_listener.server, resources.pool, settings)
+    if settings.webhook_port >= 0:  # webhooks and unsubscribe links, on their own port
+        port_ = 0 if port == 0 else settings.webhook_port
+        webhooks.attach(
+            service,
+            webhooks.build(resources.pool, settings, resources.http, metrics.registry, port=port_),
+        )
     return service, servicer
 
 

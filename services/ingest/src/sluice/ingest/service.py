@@ -7,7 +7,7 @@ import binascii
 import hashlib
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import TypeVar
 
@@ -31,6 +31,8 @@ from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.validation import normalize_recipient, validate_submission
+from sluice.ingest.webhooks import history
+from sluice.ingest.webhooks.watch import EventFeed
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 T = TypeVar("T")
@@ -119,10 +121,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._coalescer = InsertCoalescer(
             lambda rows: suppression_repository.insert_intents(pool, rows)
         )
+        self._events = EventFeed(
+            pool, settings.database_url, max_streams=settings.watch_max_streams
+        )
 
     async def aclose(self) -> None:
         """Stops the background writers."""
         await self._coalescer.aclose()
+        await self._events.aclose()
 
     async def SubmitIntent(
         self, request: ingest_pb2.SubmitIntentRequest, context: grpc.aio.ServicerContext
@@ -228,7 +234,14 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         row = await repository.get_intent(self._pool, intent_id)
         if row is None:
             raise NotFound(f"intent {intent_id} does not exist")
-        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row))
+        events = await history.intent_events(self._pool, intent_id)
+        return ingest_pb2.GetIntentResponse(intent=intent_to_proto(row), events=events)
+
+    async def WatchIntentEvents(
+        self, request: ingest_pb2.WatchIntentEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ingest_pb2.WatchIntentEventsResponse]:
+        async for response in self._events.watch(request):
+            yield response
 
     async def ListIntents(
         self, request: ingest_pb2.ListIntentsRequest, context: grpc.aio.ServicerContext

@@ -2,10 +2,11 @@
 SendBatch batches. Pure logic, no I/O. (What each send's outcome does to its intent is
 :mod:`sluice.router.outcomes`.)
 
-Provider choice (promise 6, foundation form): the cheapest enabled provider that serves the
-intent's kind, ties broken by name. A provider the health tracker marks DEGRADED is skipped
-when a healthy compatible one exists (simple failover), and used anyway when it is the only
-choice: sending through a struggling provider beats not sending.
+Provider choice (promise 6) is :mod:`sluice.router.policy`: the cheapest compatible, verified,
+healthy provider that still meets the intent's deadline given the work already planned for
+it, spilling to dearer ones only what would otherwise miss. :class:`ProviderChooser` holds
+the plan between leases. A provider the health tracker marks DEGRADED is used only when no
+healthy compatible one exists: sending through a struggling provider beats not sending.
 
 Every leased intent gets exactly one :class:`~sluice.router.repository.Completion`: an intent
 no provider can send fails on its own, never taking the rest of its batch down with an
@@ -14,12 +15,24 @@ exception (one of the seed's defects).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
-from datetime import datetime
+import math
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
 
 from sluice.common.model import PRIORITY
 from sluice.common.providers import INTENT_KINDS, ProviderConfig
+from sluice.router.policy import (
+    Decision,
+    Demand,
+    PlanState,
+    PolicyConfig,
+    ProviderState,
+    Verdict,
+    decide,
+    provider_state,
+)
 from sluice.router.repository import Completion, LeasedIntent
 
 __all__ = [
@@ -28,6 +41,7 @@ __all__ = [
     "PlannedBatch",
     "ProviderChooser",
     "RoutePlan",
+    "demand_of",
     "plan_routes",
 ]
 
@@ -35,14 +49,33 @@ __all__ = [
 # itself; this only bounds one gRPC message and one sender's share of a lease.
 MAX_MESSAGES_PER_SEND_BATCH = 500
 
+
 EXPIRED_ERROR = "deadline passed before it could be sent"
 
 
 class ProviderChooser:
-    """Candidate providers per intent kind, cheapest first, precomputed once per provider set."""
+    """The routing policy (:mod:`sluice.router.policy`) over a fixed provider set, with the
+    plan it keeps between leases.
 
-    def __init__(self, providers: Iterable[ProviderConfig]) -> None:
+    ``plan`` is the work already planned per provider; it is a small immutable value, so a
+    caller that shares one plan between routers loads it before :func:`plan_routes` and
+    stores it after.
+
+    It also remembers, for the last ``remember`` intents it routed, which provider it
+    planned them for: a throttled intent leased again claims the slot it was given instead
+    of being counted twice. The lease does not return the row's provider yet; when it does
+    (``LeasedIntent.provider``), that is used first and works across routers.
+    """
+
+    remember = 200_000
+
+    def __init__(
+        self, providers: Iterable[ProviderConfig], config: PolicyConfig | None = None
+    ) -> None:
         self.providers: tuple[ProviderConfig, ...] = tuple(providers)
+        self.config = config if config is not None else PolicyConfig()
+        self.plan = PlanState()
+        self._planned: dict[int, str] = {}
         ordered = sorted(
             (p for p in self.providers if p.enabled), key=lambda p: (p.cost_per_thousand, p.name)
         )
@@ -54,16 +87,97 @@ class ProviderChooser:
         """Enabled providers serving ``kind``, cheapest first (ties by name)."""
         return self._candidates.get(kind, ())
 
+    def states(
+        self,
+        *,
+        degraded: frozenset[str] = frozenset(),
+        circuit_open: Mapping[str, float | None] | None = None,
+        quota_used: Mapping[str, int] | None = None,
+    ) -> list[ProviderState]:
+        """The providers as the policy sees them now. ``circuit_open`` maps each provider
+        whose circuit is open to when it is expected back (None: unknown)."""
+        opened = circuit_open or {}
+        used = quota_used or {}
+        return [
+            provider_state(
+                p,
+                quota_used=used.get(p.name, 0),
+                circuit_open=p.name in opened,
+                degraded=p.name in degraded,
+                available_at=opened.get(p.name),
+            )
+            for p in self.providers
+        ]
+
+    def decide(
+        self, demands: Sequence[Demand], *, now: float, states: Sequence[ProviderState]
+    ) -> list[Decision]:
+        """Decisions for a batch; the batch is added to :attr:`plan`."""
+        decisions, self.plan = decide(demands, states, self.plan, now=now, config=self.config)
+        return decisions
+
+    def route(
+        self, intents: Sequence[LeasedIntent], *, now: float, states: Sequence[ProviderState]
+    ) -> list[Decision]:
+        """Decisions for leased intents, remembering which provider each was planned for."""
+        planned = self._planned
+        keys = [i.id.int for i in intents]  # UUID hashes in Python; its int hashes in C
+        stamps: dict[datetime, float] = {}  # a campaign shares one deadline: convert it once
+        demands = [
+            demand_of(i, now, planned.pop(k, None), stamps)
+            for i, k in zip(intents, keys, strict=True)
+        ]
+        decisions = self.decide(demands, now=now, states=states)
+        for key, decision in zip(keys, decisions, strict=True):
+            if decision.provider is not None:
+                planned[key] = decision.provider  # popped above: re-inserted last, oldest go first
+        while len(planned) > self.remember:
+            del planned[next(iter(planned))]
+        return decisions
+
     def choose(self, kind: str, degraded: frozenset[str] = frozenset()) -> ProviderConfig | None:
-        """The provider for an intent of ``kind``, or None when no enabled one serves it."""
-        candidates = self._candidates.get(kind, ())
-        if not candidates:
-            return None
-        if degraded:
-            for provider in candidates:
-                if provider.name not in degraded:
-                    return provider
-        return candidates[0]
+        """The provider an intent of ``kind`` with no deadline pressure would get now, or
+        None when none can take it. Leaves :attr:`plan` unchanged."""
+        far = Demand(kind=kind, deadline=math.inf)
+        (decision,), _ = decide([far], self.states(degraded=degraded), self.plan, now=0.0)
+        return next((p for p in self.providers if p.name == decision.provider), None)
+
+
+# Fields the lease may grow (the row's due time and provider); read only when it has them,
+# since getattr with a default on a missing attribute costs an exception per intent.
+_LEASE_FIELDS = frozenset(f.name for f in fields(LeasedIntent))
+_HAS_DUE = "due_at" in _LEASE_FIELDS
+_HAS_PROVIDER = "provider" in _LEASE_FIELDS
+
+
+def demand_of(
+    intent: LeasedIntent,
+    now: float,
+    planned: str | None = None,
+    stamps: dict[datetime, float] | None = None,
+) -> Demand:
+    """What the policy needs to know of a leased intent (``planned``: the provider this
+    router planned it for before, when the lease does not say; ``stamps``: a cache of
+    deadline conversions for one lease)."""
+    deadline = intent.deadline
+    stamp = stamps.get(deadline) if stamps is not None else None
+    if stamp is None:
+        stamp = deadline.timestamp()
+        if stamps is not None:
+            stamps[deadline] = stamp
+    due = getattr(intent, "due_at", None) if _HAS_DUE else None
+    if _HAS_PROVIDER:
+        planned = getattr(intent, "provider", None) or planned
+    local = intent.recipient.rpartition("@")[0]
+    return Demand(
+        intent.kind,
+        stamp,
+        due.timestamp() if isinstance(due, datetime) else now,
+        # A non-ASCII local part needs SMTPUTF8; a non-ASCII domain travels as IDNA.
+        not local.isascii(),
+        intent.campaign_id,
+        planned,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +191,17 @@ class PlannedBatch:
 
 @dataclass(frozen=True, slots=True)
 class RoutePlan:
-    """A lease, routed: batches to send, and the intents already decided without sending."""
+    """A lease, routed: batches to send, the intents already decided without sending, and
+    the policy's decision (provider, reason, cost) for every intent it looked at."""
 
     batches: tuple[PlannedBatch, ...]
     decided: tuple[Completion, ...]
+    decisions: Mapping[uuid.UUID, Decision] = field(default_factory=dict)
 
 
 def no_provider_error(kind: str) -> str:
-    """The last_error of an intent no enabled provider supports."""
-    return f"no enabled provider supports intent {kind}"
+    """The last_error of an intent no configured provider supports."""
+    return f"no configured provider supports intent {kind}"
 
 
 def plan_routes(
@@ -94,39 +210,52 @@ def plan_routes(
     *,
     now: datetime,
     degraded: frozenset[str] = frozenset(),
+    circuit_open: Mapping[str, float | None] | None = None,
+    quota_used: Mapping[str, int] | None = None,
     max_messages: int = MAX_MESSAGES_PER_SEND_BATCH,
 ) -> RoutePlan:
     """Routes one lease.
 
-    Intents past their deadline become ``expired`` and intents no provider can take become
-    ``failed``; the rest are grouped per (provider, template) in priority order and chunked
-    at ``max_messages``. Each input intent appears exactly once in the result.
+    Intents past their deadline become ``expired``; the policy decides the rest: routed ones
+    are grouped per (provider, template) in priority order and chunked at ``max_messages``,
+    ones that must wait go back to pending with the policy's reason and retry time (no
+    attempt spent), and ones no configured provider could ever serve become ``failed``.
+    Each input intent appears exactly once in the result.
     """
     if max_messages < 1:
         raise ValueError("max_messages must be at least 1")
     decided: list[Completion] = []
     groups: dict[tuple[str, str], list[LeasedIntent]] = {}
-    # Choice depends only on the kind: decide once per kind, not once per intent.
-    choice: dict[str, ProviderConfig | None] = {}
     # The lease returns rows in no particular order; urgent kinds go into the first batches.
+    live: list[LeasedIntent] = []
     for intent in sorted(intents, key=lambda i: PRIORITY.get(i.kind, len(PRIORITY))):
         if intent.deadline <= now:
             decided.append(
                 Completion(intent_id=intent.id, status="expired", last_error=EXPIRED_ERROR)
             )
-            continue
-        if intent.kind in choice:
-            provider = choice[intent.kind]
         else:
-            provider = choice[intent.kind] = chooser.choose(intent.kind, degraded)
-        if provider is None:
+            live.append(intent)
+    at = now.timestamp()
+    states = chooser.states(degraded=degraded, circuit_open=circuit_open, quota_used=quota_used)
+    decisions = chooser.route(live, now=at, states=states)
+    for intent, decision in zip(live, decisions, strict=True):
+        if decision.verdict is Verdict.ROUTE:
+            assert decision.provider is not None
+            groups.setdefault((decision.provider, intent.template_id), []).append(intent)
+        elif decision.verdict is Verdict.WAIT:
             decided.append(
                 Completion(
-                    intent_id=intent.id, status="failed", last_error=no_provider_error(intent.kind)
+                    intent_id=intent.id,
+                    status="pending",
+                    provider=decision.provider,
+                    due_at=datetime.fromtimestamp(decision.retry_at, UTC),
+                    last_error=decision.reason,
                 )
             )
-            continue
-        groups.setdefault((provider.name, intent.template_id), []).append(intent)
+        else:
+            decided.append(
+                Completion(intent_id=intent.id, status="failed", last_error=decision.reason)
+            )
     batches = [
         PlannedBatch(
             provider=name, template_id=template, intents=tuple(group[i : i + max_messages])
@@ -134,4 +263,8 @@ def plan_routes(
         for (name, template), group in groups.items()
         for i in range(0, len(group), max_messages)
     ]
-    return RoutePlan(batches=tuple(batches), decided=tuple(decided))
+    return RoutePlan(
+        batches=tuple(batches),
+        decided=tuple(decided),
+        decisions={i.id: d for i, d in zip(live, decisions, strict=True)},
+    )

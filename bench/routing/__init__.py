@@ -1,0 +1,1 @@
+"""Routing-quality benchmark: the routing policy against baselines and the offline optimum."""
