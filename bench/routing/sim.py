@@ -6,8 +6,8 @@ routing strategy where each goes, and hands each to its provider. A provider is 
 bucket (its burst and sustained rate): with a token the message is accepted, or answered
 with a 5xx during an outage (the token is spent: the request was made); without one it is
 throttled. What happens next is the real router's code: throttled intents come back at the
-slot :class:`sluice.router.routing.ThrottlePacer` gives them (no attempt spent), failed ones
-after :class:`sluice.router.routing.RetryPolicy`'s full-jitter backoff, until the attempts
+slot :class:`sluice.router.pacing.LocalPacer` gives them (no attempt spent), failed ones
+after :class:`sluice.router.outcomes.RetryPolicy`'s full-jitter backoff, until the attempts
 run out; an intent leased after its deadline expires.
 
 Strategies: ``sluice`` is the real :func:`sluice.router.policy.decide`, with a small circuit
@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from bench.routing.scenario import ProviderSpec, Scenario
+from sluice.router.outcomes import RetryPolicy
+from sluice.router.pacing import LocalPacer as ThrottlePacer
 from sluice.router.policy import (
     PRIORITY,
     Demand,
@@ -36,7 +38,6 @@ from sluice.router.policy import (
     Verdict,
     decide,
 )
-from sluice.router.routing import RetryPolicy, ThrottlePacer
 
 TICK = 0.1
 LEASE = 500

@@ -34,7 +34,10 @@ SERVICE_RPCS = {
         "sluice.v1.IngestService",
         ("SubmitIntent", "SubmitIntents", "SubmitIntentStream", "GetIntent", "ListIntents"),
     ),
-    "router": ("sluice.v1.RouterService", ("GetQueueStats", "ListProviders")),
+    "router": (
+        "sluice.v1.RouterService",
+        ("GetQueueStats", "ListProviders", "PauseProvider", "ResumeProvider", "RetryFailed"),
+    ),
     "sender": ("sluice.v1.SenderService", ("SendBatch", "GetCapacity")),
 }
 

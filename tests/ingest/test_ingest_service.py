@@ -167,6 +167,31 @@ async def test_get_intent(stub: ingest_pb2_grpc.IngestServiceStub) -> None:
         assert info.value.code() == code
 
 
+async def test_get_intent_shows_the_routing_decision(
+    stub: ingest_pb2_grpc.IngestServiceStub, pg_pool: asyncpg.Pool
+) -> None:
+    created = await stub.SubmitIntent(ingest_pb2.SubmitIntentRequest(intent=sub("g-2")))
+    fresh = await stub.GetIntent(ingest_pb2.GetIntentRequest(id=created.intent.id))
+    assert (fresh.intent.route_reason, fresh.intent.route_cost, fresh.intent.held_for) == (
+        "",
+        0.0,
+        "",
+    )
+    # What the router records on the row (migration 0003) is what GetIntent shows.
+    await pg_pool.execute(
+        "UPDATE intents SET provider = 'ses', route_reason = 'ses: cheapest',"
+        " route_cost = 0.0001, held_for = 'reconcile' WHERE id = $1",
+        uuid.UUID(created.intent.id),
+    )
+    got = await stub.GetIntent(ingest_pb2.GetIntentRequest(id=created.intent.id))
+    assert (got.intent.provider, got.intent.route_reason, got.intent.held_for) == (
+        "ses",
+        "ses: cheapest",
+        "reconcile",
+    )
+    assert got.intent.route_cost == pytest.approx(0.0001)
+
+
 async def test_list_intents_pages_without_gaps(stub: ingest_pb2_grpc.IngestServiceStub) -> None:
     await stub.SubmitIntents(
         ingest_pb2.SubmitIntentsRequest(intents=[sub(f"l-{i}") for i in range(23)])

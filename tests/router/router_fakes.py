@@ -3,7 +3,8 @@ and helpers to seed and read intents. Not collected: no test_ prefix.
 
 The outcome of each message is chosen by its recipient's local part prefix:
 ``ok`` accepted, ``throttle`` throttled (retry-after 30 s), ``transient`` transient failure,
-``permanent`` permanent failure, ``noresult`` no result at all. ``fail_providers`` makes
+``permanent`` permanent failure, ``noresult`` no result at all; ``force`` overrides them
+all. ``fail_providers`` makes
 every message to those providers a transient failure; ``abort`` fails whole calls with a
 gRPC status; ``delay`` holds each call; ``block`` holds calls until it is set.
 """
@@ -71,7 +72,12 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
     delay: float = 0.0
     reverse: bool = False
     block: asyncio.Event | None = None
+    # only calls for this template wait for ``block`` (None: every call does)
+    block_template: str | None = None
     received: asyncio.Event = field(default_factory=asyncio.Event)
+    # outcomes forced for every message of every call (e.g. SEND_OUTCOME_UNKNOWN)
+    force: sender_pb2.SendOutcome.ValueType | None = None
+    capacity_down: bool = False
 
     def sent(self) -> list[sender_pb2.OutboundMessage]:
         return [m for c in self.calls for m in c.messages]
@@ -84,7 +90,7 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
             Call(request.provider, request.template, list(request.messages), metadata)
         )
         self.received.set()
-        if self.block is not None:
+        if self.block is not None and self.block_template in (None, request.template.id):
             await self.block.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
@@ -102,7 +108,10 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
     def _result(self, provider: str, m: sender_pb2.OutboundMessage) -> sender_pb2.SendResult | None:
         local = m.recipient.partition("@")[0]
         r = sender_pb2.SendResult(intent_id=m.intent_id)
-        if provider in self.fail_providers or local.startswith("transient"):
+        if self.force is not None:
+            r.outcome = self.force
+            r.reason = "forced"
+        elif provider in self.fail_providers or local.startswith("transient"):
             r.outcome = sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE
             r.reason = f"{provider} answered 503"
         elif local.startswith("ok"):
@@ -123,6 +132,8 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
     async def GetCapacity(
         self, request: sender_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
     ) -> sender_pb2.GetCapacityResponse:
+        if self.capacity_down:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "redis down")
         return sender_pb2.GetCapacityResponse()
 
 

@@ -103,12 +103,13 @@ async def test_running_router_sends_and_reports_over_grpc(
     orphan = await seed(pg_pool, ["ok@example.com"], kind="transactional")
     async with running(settings, disabled(), port=0) as handle:
         await wait_for_status(pg_pool, ok, "sent")
+        await wait_for_status(pg_pool, orphan, "pending")
         await wait_for_status(pg_pool, throttled, "pending")
         # Its only provider is disabled: it waits for it (or its deadline), with the reason.
         (waiting,) = (await rows(pg_pool, orphan)).values()
         assert waiting["status"] == "pending"
-        assert (
-            waiting["last_error"] == "no provider can take intent transactional now: off disabled"
+        assert waiting["last_error"] == (
+            "waiting: no usable provider for transactional (paused or disabled)"
         )
         async with grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             health = await health_pb2_grpc.HealthStub(channel).Check(
@@ -141,7 +142,7 @@ async def test_running_router_sends_and_reports_over_grpc(
     assert sorted(m.intent_id for m in fake.sent()) == sorted(str(i) for i in ok + throttled)
 
 
-async def test_leaving_running_releases_leases_of_unfinished_rounds(
+async def test_leaving_running_settles_unfinished_rounds_without_releasing_sent_ones(
     settings: RouterSettings, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
 ) -> None:
     fake.block = asyncio.Event()
@@ -153,8 +154,10 @@ async def test_leaving_running_releases_leases_of_unfinished_rounds(
         started = asyncio.get_running_loop().time()
     # Bounded by the grace period (0.5 s), plus a little for the release itself.
     assert asyncio.get_running_loop().time() - started < 3.0
+    # The call reached the sender, so its outcome is unknown: an attempt, never a release.
     for row in (await rows(pg_pool, ids)).values():
-        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 0, None)
+        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 1, None)
+        assert "round cancelled" in row["last_error"]
 
 
 @pytest.fixture

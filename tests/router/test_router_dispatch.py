@@ -184,12 +184,14 @@ async def test_mixed_lease_each_intent_gets_its_own_outcome_in_one_round(
     assert result.leased == result.written == 5
     stored = await rows(pg_pool, ok + orphan + late + perm + lost)
     assert stored[ok[0]]["status"] == "sent"
-    # The intent only a disabled provider serves waits, alone; the seed threw and lost the batch.
+    # Only the disabled provider serves transactional: it waits, alone, with the reason (the
+    # seed threw and lost the batch; the foundation failed it at once).
     assert stored[orphan[0]]["status"] == "pending"
-    assert stored[orphan[0]]["last_error"] == (
-        "no provider can take intent transactional now: off disabled"
+    assert stored[orphan[0]]["last_error"].startswith(
+        "waiting: no usable provider for transactional"
     )
     assert stored[orphan[0]]["attempts"] == 0
+    assert stored[orphan[0]]["due_at"] > stored[orphan[0]]["now"]
     assert stored[late[0]]["status"] == "expired"
     assert stored[late[0]]["attempts"] == 0
     assert stored[perm[0]]["status"] == "failed"
@@ -311,7 +313,7 @@ async def test_running_dispatcher_reclaims_by_itself(
     assert dispatcher.stats.reclaimed == 1
 
 
-async def test_shutdown_releases_leases_of_rounds_that_did_not_finish(
+async def test_shutdown_marks_calls_in_flight_unknown_and_releases_only_unsent(
     pg_pool: asyncpg.Pool, template: str, fake: FakeSender, make_dispatcher: MakeDispatcher
 ) -> None:
     fake.block = asyncio.Event()  # the sender never answers
@@ -321,10 +323,12 @@ async def test_shutdown_releases_leases_of_rounds_that_did_not_finish(
     await asyncio.wait_for(fake.received.wait(), 5)
     assert {r["status"] for r in (await rows(pg_pool, ids)).values()} == {"leased"}
     await dispatcher.stop(0.2)
-    assert dispatcher.stats.released == 3
+    # The call reached the sender: its outcome is unknown, so it spends an attempt and is
+    # never simply released (a release would hand it to the next router with no trace).
+    assert dispatcher.stats.released == 0
     for row in (await rows(pg_pool, ids)).values():
-        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 0, None)
-        assert row["due_at"] <= row["now"]  # due again at once for any router
+        assert (row["status"], row["attempts"], row["lease_id"]) == ("pending", 1, None)
+        assert "outcome unknown: round cancelled" in row["last_error"]
 
 
 async def test_shutdown_lets_a_round_in_flight_finish_within_the_grace(

@@ -271,6 +271,9 @@ class EmailIntent(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     SMTPUTF8_FIELD_NUMBER: _builtins.int
+    ROUTE_REASON_FIELD_NUMBER: _builtins.int
+    ROUTE_COST_FIELD_NUMBER: _builtins.int
+    HELD_FOR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Server-assigned identifier (a UUID)."""
     idempotency_key: _builtins.str
@@ -292,6 +295,15 @@ class EmailIntent(_message.Message):
     smtputf8: _builtins.bool
     """True when the recipient address needs SMTPUTF8 (an internationalised local
     part): only providers that can take it are used.
+    """
+    route_reason: _builtins.str
+    """Why the router chose `provider` for the latest attempt; empty until routed."""
+    route_cost: _builtins.float
+    """What the latest attempt costs at that provider, US dollars; 0 until routed."""
+    held_for: _builtins.str
+    """What a pending intent waits for instead of its own retry time: an unreachable target
+    ("<sender>" or a provider name), "reconcile" (its last outcome was unknown), or
+    "kind:<intent>" (no usable provider right now); empty otherwise.
     """
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
@@ -324,10 +336,13 @@ class EmailIntent(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         run: _builtins.str = ...,
         smtputf8: _builtins.bool = ...,
+        route_reason: _builtins.str = ...,
+        route_cost: _builtins.float = ...,
+        held_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "run", b"run", "send_at", b"send_at", "smtputf8", b"smtputf8", "status", b"status", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "held_for", b"held_for", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "route_cost", b"route_cost", "route_reason", b"route_reason", "run", b"run", "send_at", b"send_at", "smtputf8", b"smtputf8", "status", b"status", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -23,10 +23,11 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 from sluice.v1 import intent_pb2 as sluice_dot_v1_dot_intent__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/router.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x16sluice/v1/intent.proto\"+\n\x14GetQueueStatsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"y\n\nQueueCount\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"~\n\x15GetQueueStatsResponse\x12%\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x15.sluice.v1.QueueCount\x12\x0b\n\x03\x64ue\x18\x02 \x01(\x03\x12\x31\n\x0eoldest_due_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x16\n\x14ListProvidersRequest\"\xf6\x01\n\x08Provider\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x19\n\x11\x63ost_per_thousand\x18\x03 \x01(\x01\x12\x16\n\x0esustained_rate\x18\x04 \x01(\x01\x12\r\n\x05\x62urst\x18\x05 \x01(\x05\x12\"\n\x07intents\x18\x06 \x03(\x0e\x32\x11.sluice.v1.Intent\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x08 \x01(\x08\x12)\n\x06health\x18\t \x01(\x0e\x32\x19.sluice.v1.ProviderHealth\x12\x14\n\x0csuccess_rate\x18\n \x01(\x01\"?\n\x15ListProvidersResponse\x12&\n\tproviders\x18\x01 \x03(\x0b\x32\x13.sluice.v1.Provider*\x8a\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROVIDER_HEALTH_HEALTHY\x10\x01\x12\x1c\n\x18PROVIDER_HEALTH_DEGRADED\x10\x02\x12\x1c\n\x18PROVIDER_HEALTH_DISABLED\x10\x03\x32\xb7\x01\n\rRouterService\x12R\n\rGetQueueStats\x12\x1f.sluice.v1.GetQueueStatsRequest\x1a .sluice.v1.GetQueueStatsResponse\x12R\n\rListProviders\x12\x1f.sluice.v1.ListProvidersRequest\x1a .sluice.v1.ListProvidersResponseBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/router.proto\x12\tsluice.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16sluice/v1/intent.proto\"+\n\x14GetQueueStatsRequest\x12\x13\n\x0b\x63\x61mpaign_id\x18\x01 \x01(\t\"y\n\nQueueCount\x12\'\n\x06status\x18\x01 \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x10\n\x08provider\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\x03\"\x94\x02\n\x15GetQueueStatsResponse\x12%\n\x06\x63ounts\x18\x01 \x03(\x0b\x32\x15.sluice.v1.QueueCount\x12\x0b\n\x03\x64ue\x18\x02 \x01(\x03\x12\x31\n\x0eoldest_due_age\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\x12-\n\tproviders\x18\x04 \x03(\x0b\x32\x1a.sluice.v1.ProviderBacklog\x12\x38\n\x04held\x18\x05 \x03(\x0b\x32*.sluice.v1.GetQueueStatsResponse.HeldEntry\x1a+\n\tHeldEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"P\n\x0fProviderBacklog\x12\x10\n\x08provider\x18\x01 \x01(\t\x12\x0f\n\x07planned\x18\x02 \x01(\x03\x12\x0c\n\x04sent\x18\x03 \x01(\x03\x12\x0c\n\x04\x63ost\x18\x04 \x01(\x01\"\x16\n\x14ListProvidersRequest\"\x83\x03\n\x08Provider\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\x19\n\x11\x63ost_per_thousand\x18\x03 \x01(\x01\x12\x16\n\x0esustained_rate\x18\x04 \x01(\x01\x12\r\n\x05\x62urst\x18\x05 \x01(\x05\x12\"\n\x07intents\x18\x06 \x03(\x0e\x32\x11.sluice.v1.Intent\x12\x16\n\x0emax_batch_size\x18\x07 \x01(\x05\x12\x0f\n\x07\x65nabled\x18\x08 \x01(\x08\x12)\n\x06health\x18\t \x01(\x0e\x32\x19.sluice.v1.ProviderHealth\x12\x14\n\x0csuccess_rate\x18\n \x01(\x01\x12(\n\x07\x63ircuit\x18\x0b \x01(\x0e\x32\x17.sluice.v1.CircuitState\x12\x0e\n\x06paused\x18\x0c \x01(\x08\x12)\n\x0epaused_intents\x18\r \x03(\x0e\x32\x11.sluice.v1.Intent\x12\x11\n\treachable\x18\x0e \x01(\x08\x12\x13\n\x0b\x63ost_so_far\x18\x0f \x01(\x01\"[\n\x14PauseProviderRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x0e\n\x06reason\x18\x03 \x01(\t\">\n\x15PauseProviderResponse\x12%\n\x08provider\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Provider\"L\n\x15ResumeProviderRequest\x12\x10\n\x08provider\x18\x01 \x01(\t\x12!\n\x06intent\x18\x02 \x01(\x0e\x32\x11.sluice.v1.Intent\"Q\n\x16ResumeProviderResponse\x12%\n\x08provider\x18\x01 \x01(\x0b\x32\x13.sluice.v1.Provider\x12\x10\n\x08released\x18\x02 \x01(\x03\"\x92\x02\n\x12RetryFailedRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x16\n\x0e\x65rror_contains\x18\x03 \x01(\t\x12\x30\n\x0c\x66\x61iled_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x31\n\rfailed_before\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\r\n\x05limit\x18\x07 \x01(\x05\x12\x35\n\x12\x64\x65\x61\x64line_extension\x18\x08 \x01(\x0b\x32\x19.google.protobuf.Duration\"9\n\x13RetryFailedResponse\x12\x10\n\x08requeued\x18\x01 \x01(\x03\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"?\n\x15ListProvidersResponse\x12&\n\tproviders\x18\x01 \x03(\x0b\x32\x13.sluice.v1.Provider*\x8a\x01\n\x0eProviderHealth\x12\x1f\n\x1bPROVIDER_HEALTH_UNSPECIFIED\x10\x00\x12\x1b\n\x17PROVIDER_HEALTH_HEALTHY\x10\x01\x12\x1c\n\x18PROVIDER_HEALTH_DEGRADED\x10\x02\x12\x1c\n\x18PROVIDER_HEALTH_DISABLED\x10\x03*|\n\x0c\x43ircuitState\x12\x1d\n\x19\x43IRCUIT_STATE_UNSPECIFIED\x10\x00\x12\x18\n\x14\x43IRCUIT_STATE_CLOSED\x10\x01\x12\x16\n\x12\x43IRCUIT_STATE_OPEN\x10\x02\x12\x1b\n\x17\x43IRCUIT_STATE_HALF_OPEN\x10\x03\x32\xb0\x03\n\rRouterService\x12R\n\rGetQueueStats\x12\x1f.sluice.v1.GetQueueStatsRequest\x1a .sluice.v1.GetQueueStatsResponse\x12R\n\rListProviders\x12\x1f.sluice.v1.ListProvidersRequest\x1a .sluice.v1.ListProvidersResponse\x12R\n\rPauseProvider\x12\x1f.sluice.v1.PauseProviderRequest\x1a .sluice.v1.PauseProviderResponse\x12U\n\x0eResumeProvider\x12 .sluice.v1.ResumeProviderRequest\x1a!.sluice.v1.ResumeProviderResponse\x12L\n\x0bRetryFailed\x12\x1d.sluice.v1.RetryFailedRequest\x1a\x1e.sluice.v1.RetryFailedResponseBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +35,40 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sluice.v1.router_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._loaded_options = None
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.sluice.v1P\001Z$sluice.dev/gen/go/sluice/v1;sluicev1\252\002\tSluice.V1'
-  _globals['_PROVIDERHEALTH']._serialized_start=728
-  _globals['_PROVIDERHEALTH']._serialized_end=866
-  _globals['_GETQUEUESTATSREQUEST']._serialized_start=93
-  _globals['_GETQUEUESTATSREQUEST']._serialized_end=136
-  _globals['_QUEUECOUNT']._serialized_start=138
-  _globals['_QUEUECOUNT']._serialized_end=259
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=261
-  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=387
-  _globals['_LISTPROVIDERSREQUEST']._serialized_start=389
-  _globals['_LISTPROVIDERSREQUEST']._serialized_end=411
-  _globals['_PROVIDER']._serialized_start=414
-  _globals['_PROVIDER']._serialized_end=660
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=662
-  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=725
-  _globals['_ROUTERSERVICE']._serialized_start=869
-  _globals['_ROUTERSERVICE']._serialized_end=1052
+  _globals['_GETQUEUESTATSRESPONSE_HELDENTRY']._loaded_options = None
+  _globals['_GETQUEUESTATSRESPONSE_HELDENTRY']._serialized_options = b'8\001'
+  _globals['_PROVIDERHEALTH']._serialized_start=1789
+  _globals['_PROVIDERHEALTH']._serialized_end=1927
+  _globals['_CIRCUITSTATE']._serialized_start=1929
+  _globals['_CIRCUITSTATE']._serialized_end=2053
+  _globals['_GETQUEUESTATSREQUEST']._serialized_start=126
+  _globals['_GETQUEUESTATSREQUEST']._serialized_end=169
+  _globals['_QUEUECOUNT']._serialized_start=171
+  _globals['_QUEUECOUNT']._serialized_end=292
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_start=295
+  _globals['_GETQUEUESTATSRESPONSE']._serialized_end=571
+  _globals['_GETQUEUESTATSRESPONSE_HELDENTRY']._serialized_start=528
+  _globals['_GETQUEUESTATSRESPONSE_HELDENTRY']._serialized_end=571
+  _globals['_PROVIDERBACKLOG']._serialized_start=573
+  _globals['_PROVIDERBACKLOG']._serialized_end=653
+  _globals['_LISTPROVIDERSREQUEST']._serialized_start=655
+  _globals['_LISTPROVIDERSREQUEST']._serialized_end=677
+  _globals['_PROVIDER']._serialized_start=680
+  _globals['_PROVIDER']._serialized_end=1067
+  _globals['_PAUSEPROVIDERREQUEST']._serialized_start=1069
+  _globals['_PAUSEPROVIDERREQUEST']._serialized_end=1160
+  _globals['_PAUSEPROVIDERRESPONSE']._serialized_start=1162
+  _globals['_PAUSEPROVIDERRESPONSE']._serialized_end=1224
+  _globals['_RESUMEPROVIDERREQUEST']._serialized_start=1226
+  _globals['_RESUMEPROVIDERREQUEST']._serialized_end=1302
+  _globals['_RESUMEPROVIDERRESPONSE']._serialized_start=1304
+  _globals['_RESUMEPROVIDERRESPONSE']._serialized_end=1385
+  _globals['_RETRYFAILEDREQUEST']._serialized_start=1388
+  _globals['_RETRYFAILEDREQUEST']._serialized_end=1662
+  _globals['_RETRYFAILEDRESPONSE']._serialized_start=1664
+  _globals['_RETRYFAILEDRESPONSE']._serialized_end=1721
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_start=1723
+  _globals['_LISTPROVIDERSRESPONSE']._serialized_end=1786
+  _globals['_ROUTERSERVICE']._serialized_start=2056
+  _globals['_ROUTERSERVICE']._serialized_end=2488
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,7 @@ from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from sluice.v1 import intent_pb2 as _intent_pb2
@@ -40,6 +41,32 @@ PROVIDER_HEALTH_HEALTHY: ProviderHealth.ValueType  # 1
 PROVIDER_HEALTH_DEGRADED: ProviderHealth.ValueType  # 2
 PROVIDER_HEALTH_DISABLED: ProviderHealth.ValueType  # 3
 Global___ProviderHealth: _TypeAlias = ProviderHealth  # noqa: Y015
+
+class _CircuitState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CircuitStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CircuitState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CIRCUIT_STATE_UNSPECIFIED: _CircuitState.ValueType  # 0
+    CIRCUIT_STATE_CLOSED: _CircuitState.ValueType  # 1
+    """Traffic flows."""
+    CIRCUIT_STATE_OPEN: _CircuitState.ValueType  # 2
+    """Too many failures or too slow: routing avoids the provider until a cool-down passes."""
+    CIRCUIT_STATE_HALF_OPEN: _CircuitState.ValueType  # 3
+    """After the cool-down: a trickle of traffic decides whether it closes again."""
+
+class CircuitState(_CircuitState, metaclass=_CircuitStateEnumTypeWrapper):
+    """A circuit breaker's state."""
+
+CIRCUIT_STATE_UNSPECIFIED: CircuitState.ValueType  # 0
+CIRCUIT_STATE_CLOSED: CircuitState.ValueType  # 1
+"""Traffic flows."""
+CIRCUIT_STATE_OPEN: CircuitState.ValueType  # 2
+"""Too many failures or too slow: routing avoids the provider until a cool-down passes."""
+CIRCUIT_STATE_HALF_OPEN: CircuitState.ValueType  # 3
+"""After the cool-down: a trickle of traffic decides whether it closes again."""
+Global___CircuitState: _TypeAlias = CircuitState  # noqa: Y015
 
 @_typing.final
 class GetQueueStatsRequest(_message.Message):
@@ -96,9 +123,31 @@ Global___QueueCount: _TypeAlias = QueueCount  # noqa: Y015
 class GetQueueStatsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class HeldEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     COUNTS_FIELD_NUMBER: _builtins.int
     DUE_FIELD_NUMBER: _builtins.int
     OLDEST_DUE_AGE_FIELD_NUMBER: _builtins.int
+    PROVIDERS_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
     due: _builtins.int
     """Pending intents whose send-at time has come."""
     @_builtins.property
@@ -107,20 +156,63 @@ class GetQueueStatsResponse(_message.Message):
     def oldest_due_age(self) -> _duration_pb2.Duration:
         """How long the oldest due intent has waited since its send-at time; zero when none."""
 
+    @_builtins.property
+    def providers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProviderBacklog]:
+        """Per provider: work routed to it and not yet done, and what it has cost so far."""
+
+    @_builtins.property
+    def held(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Pending intents held for something other than their retry time (see
+        EmailIntent.held_for), by what they wait for.
+        """
+
     def __init__(
         self,
         *,
         counts: _abc.Iterable[Global___QueueCount] | None = ...,
         due: _builtins.int = ...,
         oldest_due_age: _duration_pb2.Duration | None = ...,
+        providers: _abc.Iterable[Global___ProviderBacklog] | None = ...,
+        held: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["oldest_due_age", b"oldest_due_age"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "due", b"due", "oldest_due_age", b"oldest_due_age"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "due", b"due", "held", b"held", "oldest_due_age", b"oldest_due_age", "providers", b"providers"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetQueueStatsResponse: _TypeAlias = GetQueueStatsResponse  # noqa: Y015
+
+@_typing.final
+class ProviderBacklog(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    PLANNED_FIELD_NUMBER: _builtins.int
+    SENT_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    planned: _builtins.int
+    """Pending or leased intents whose latest routing chose this provider."""
+    sent: _builtins.int
+    """Intents it accepted."""
+    cost: _builtins.float
+    """US dollars of the intents it accepted, by the cost recorded at routing."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        planned: _builtins.int = ...,
+        sent: _builtins.int = ...,
+        cost: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "planned", b"planned", "provider", b"provider", "sent", b"sent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProviderBacklog: _TypeAlias = ProviderBacklog  # noqa: Y015
 
 @_typing.final
 class ListProvidersRequest(_message.Message):
@@ -151,6 +243,11 @@ class Provider(_message.Message):
     ENABLED_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     SUCCESS_RATE_FIELD_NUMBER: _builtins.int
+    CIRCUIT_FIELD_NUMBER: _builtins.int
+    PAUSED_FIELD_NUMBER: _builtins.int
+    PAUSED_INTENTS_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    COST_SO_FAR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Unique name, used in routing and in SendBatch."""
     kind: _builtins.str
@@ -167,8 +264,20 @@ class Provider(_message.Message):
     health: Global___ProviderHealth.ValueType
     success_rate: _builtins.float
     """Share of recent attempts that were accepted, 0 to 1; 1 with no recent attempts."""
+    circuit: Global___CircuitState.ValueType
+    """This router's circuit breaker for the provider (all intents together)."""
+    paused: _builtins.bool
+    """Paused by an operator for every intent."""
+    reachable: _builtins.bool
+    """False while this router finds the provider unreachable."""
+    cost_so_far: _builtins.float
+    """US dollars of the messages this router sent through it since it started."""
     @_builtins.property
     def intents(self) -> _containers.RepeatedScalarFieldContainer[_intent_pb2.Intent.ValueType]: ...
+    @_builtins.property
+    def paused_intents(self) -> _containers.RepeatedScalarFieldContainer[_intent_pb2.Intent.ValueType]:
+        """Paused by an operator for these intents only."""
+
     def __init__(
         self,
         *,
@@ -182,14 +291,191 @@ class Provider(_message.Message):
         enabled: _builtins.bool = ...,
         health: Global___ProviderHealth.ValueType = ...,
         success_rate: _builtins.float = ...,
+        circuit: Global___CircuitState.ValueType = ...,
+        paused: _builtins.bool = ...,
+        paused_intents: _abc.Iterable[_intent_pb2.Intent.ValueType] | None = ...,
+        reachable: _builtins.bool = ...,
+        cost_so_far: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "cost_per_thousand", b"cost_per_thousand", "enabled", b"enabled", "health", b"health", "intents", b"intents", "kind", b"kind", "max_batch_size", b"max_batch_size", "name", b"name", "success_rate", b"success_rate", "sustained_rate", b"sustained_rate"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "circuit", b"circuit", "cost_per_thousand", b"cost_per_thousand", "cost_so_far", b"cost_so_far", "enabled", b"enabled", "health", b"health", "intents", b"intents", "kind", b"kind", "max_batch_size", b"max_batch_size", "name", b"name", "paused", b"paused", "paused_intents", b"paused_intents", "reachable", b"reachable", "success_rate", b"success_rate", "sustained_rate", b"sustained_rate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Provider: _TypeAlias = Provider  # noqa: Y015
+
+@_typing.final
+class PauseProviderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    intent: _intent_pb2.Intent.ValueType
+    """Only this intent; unspecified pauses every intent."""
+    reason: _builtins.str
+    """Free text for other operators."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        intent: _intent_pb2.Intent.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "provider", b"provider", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseProviderRequest: _TypeAlias = PauseProviderRequest  # noqa: Y015
+
+@_typing.final
+class PauseProviderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def provider(self) -> Global___Provider: ...
+    def __init__(
+        self,
+        *,
+        provider: Global___Provider | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PauseProviderResponse: _TypeAlias = PauseProviderResponse  # noqa: Y015
+
+@_typing.final
+class ResumeProviderRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    INTENT_FIELD_NUMBER: _builtins.int
+    provider: _builtins.str
+    intent: _intent_pb2.Intent.ValueType
+    """Only this intent; unspecified resumes every pause of the provider."""
+    def __init__(
+        self,
+        *,
+        provider: _builtins.str = ...,
+        intent: _intent_pb2.Intent.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["intent", b"intent", "provider", b"provider"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeProviderRequest: _TypeAlias = ResumeProviderRequest  # noqa: Y015
+
+@_typing.final
+class ResumeProviderResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    RELEASED_FIELD_NUMBER: _builtins.int
+    released: _builtins.int
+    """Waiting intents made due at once."""
+    @_builtins.property
+    def provider(self) -> Global___Provider: ...
+    def __init__(
+        self,
+        *,
+        provider: Global___Provider | None = ...,
+        released: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["provider", b"provider", "released", b"released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResumeProviderResponse: _TypeAlias = ResumeProviderResponse  # noqa: Y015
+
+@_typing.final
+class RetryFailedRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
+    ERROR_CONTAINS_FIELD_NUMBER: _builtins.int
+    FAILED_AFTER_FIELD_NUMBER: _builtins.int
+    FAILED_BEFORE_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    DEADLINE_EXTENSION_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Makes the call idempotent: the same request_id gives back the first call's answer."""
+    campaign_id: _builtins.str
+    """Only this campaign; empty means all."""
+    error_contains: _builtins.str
+    """Only intents whose last error contains this text (case-insensitive); empty means all."""
+    provider: _builtins.str
+    """Send them through this provider, whatever routing would choose; empty: route normally."""
+    limit: _builtins.int
+    """At most this many; 0 means 10,000."""
+    @_builtins.property
+    def failed_after(self) -> _timestamp_pb2.Timestamp:
+        """Only intents that failed at or after this time."""
+
+    @_builtins.property
+    def failed_before(self) -> _timestamp_pb2.Timestamp:
+        """Only intents that failed before this time."""
+
+    @_builtins.property
+    def deadline_extension(self) -> _duration_pb2.Duration:
+        """Re-queued intents whose deadline is sooner get this long from now (default 1 hour)."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        campaign_id: _builtins.str = ...,
+        error_contains: _builtins.str = ...,
+        failed_after: _timestamp_pb2.Timestamp | None = ...,
+        failed_before: _timestamp_pb2.Timestamp | None = ...,
+        provider: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        deadline_extension: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["deadline_extension", b"deadline_extension", "failed_after", b"failed_after", "failed_before", b"failed_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline_extension", b"deadline_extension", "error_contains", b"error_contains", "failed_after", b"failed_after", "failed_before", b"failed_before", "limit", b"limit", "provider", b"provider", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryFailedRequest: _TypeAlias = RetryFailedRequest  # noqa: Y015
+
+@_typing.final
+class RetryFailedResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEUED_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    requeued: _builtins.int
+    """Intents put back in the queue."""
+    replayed: _builtins.bool
+    """True when this answer is the stored one of an earlier call with the same request_id."""
+    def __init__(
+        self,
+        *,
+        requeued: _builtins.int = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "requeued", b"requeued"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryFailedResponse: _TypeAlias = RetryFailedResponse  # noqa: Y015
 
 @_typing.final
 class ListProvidersResponse(_message.Message):

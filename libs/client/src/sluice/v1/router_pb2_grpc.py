@@ -45,6 +45,21 @@ class RouterServiceStub:
                 request_serializer=sluice_dot_v1_dot_router__pb2.ListProvidersRequest.SerializeToString,
                 response_deserializer=sluice_dot_v1_dot_router__pb2.ListProvidersResponse.FromString,
                 _registered_method=True)
+        self.PauseProvider = channel.unary_unary(
+                '/sluice.v1.RouterService/PauseProvider',
+                request_serializer=sluice_dot_v1_dot_router__pb2.PauseProviderRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_router__pb2.PauseProviderResponse.FromString,
+                _registered_method=True)
+        self.ResumeProvider = channel.unary_unary(
+                '/sluice.v1.RouterService/ResumeProvider',
+                request_serializer=sluice_dot_v1_dot_router__pb2.ResumeProviderRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_router__pb2.ResumeProviderResponse.FromString,
+                _registered_method=True)
+        self.RetryFailed = channel.unary_unary(
+                '/sluice.v1.RouterService/RetryFailed',
+                request_serializer=sluice_dot_v1_dot_router__pb2.RetryFailedRequest.SerializeToString,
+                response_deserializer=sluice_dot_v1_dot_router__pb2.RetryFailedResponse.FromString,
+                _registered_method=True)
 
 
 class RouterServiceServicer:
@@ -65,6 +80,29 @@ class RouterServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PauseProvider(self, request, context):
+        """Stops routing to a provider (manual failover), for every intent or for one; every
+        router replica follows within a second. Intents only it could serve wait.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeProvider(self, request, context):
+        """Undoes PauseProvider; intents that waited for it become due at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryFailed(self, request, context):
+        """Puts failed intents back in the queue, filtered by campaign, error text and failure
+        time, optionally forcing a provider. Idempotent per request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RouterServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +115,21 @@ def add_RouterServiceServicer_to_server(servicer, server):
                     servicer.ListProviders,
                     request_deserializer=sluice_dot_v1_dot_router__pb2.ListProvidersRequest.FromString,
                     response_serializer=sluice_dot_v1_dot_router__pb2.ListProvidersResponse.SerializeToString,
+            ),
+            'PauseProvider': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseProvider,
+                    request_deserializer=sluice_dot_v1_dot_router__pb2.PauseProviderRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_router__pb2.PauseProviderResponse.SerializeToString,
+            ),
+            'ResumeProvider': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeProvider,
+                    request_deserializer=sluice_dot_v1_dot_router__pb2.ResumeProviderRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_router__pb2.ResumeProviderResponse.SerializeToString,
+            ),
+            'RetryFailed': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryFailed,
+                    request_deserializer=sluice_dot_v1_dot_router__pb2.RetryFailedRequest.FromString,
+                    response_serializer=sluice_dot_v1_dot_router__pb2.RetryFailedResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -134,6 +187,87 @@ class RouterService:
             '/sluice.v1.RouterService/ListProviders',
             sluice_dot_v1_dot_router__pb2.ListProvidersRequest.SerializeToString,
             sluice_dot_v1_dot_router__pb2.ListProvidersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseProvider(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.RouterService/PauseProvider',
+            sluice_dot_v1_dot_router__pb2.PauseProviderRequest.SerializeToString,
+            sluice_dot_v1_dot_router__pb2.PauseProviderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeProvider(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.RouterService/ResumeProvider',
+            sluice_dot_v1_dot_router__pb2.ResumeProviderRequest.SerializeToString,
+            sluice_dot_v1_dot_router__pb2.ResumeProviderResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryFailed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sluice.v1.RouterService/RetryFailed',
+            sluice_dot_v1_dot_router__pb2.RetryFailedRequest.SerializeToString,
+            sluice_dot_v1_dot_router__pb2.RetryFailedResponse.FromString,
             options,
             channel_credentials,
             insecure,

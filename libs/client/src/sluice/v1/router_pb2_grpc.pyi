@@ -37,6 +37,16 @@ class RouterServiceStub:
     """Counts of intents by status, intent and provider, and the age of the oldest due intent."""
     ListProviders: _grpc.UnaryUnaryMultiCallable[_router_pb2.ListProvidersRequest, _router_pb2.ListProvidersResponse]
     """Configuration and current health of each provider."""
+    PauseProvider: _grpc.UnaryUnaryMultiCallable[_router_pb2.PauseProviderRequest, _router_pb2.PauseProviderResponse]
+    """Stops routing to a provider (manual failover), for every intent or for one; every
+    router replica follows within a second. Intents only it could serve wait.
+    """
+    ResumeProvider: _grpc.UnaryUnaryMultiCallable[_router_pb2.ResumeProviderRequest, _router_pb2.ResumeProviderResponse]
+    """Undoes PauseProvider; intents that waited for it become due at once."""
+    RetryFailed: _grpc.UnaryUnaryMultiCallable[_router_pb2.RetryFailedRequest, _router_pb2.RetryFailedResponse]
+    """Puts failed intents back in the queue, filtered by campaign, error text and failure
+    time, optionally forcing a provider. Idempotent per request_id.
+    """
 
 @_typing.type_check_only
 class RouterServiceAsyncStub(RouterServiceStub):
@@ -47,6 +57,16 @@ class RouterServiceAsyncStub(RouterServiceStub):
     """Counts of intents by status, intent and provider, and the age of the oldest due intent."""
     ListProviders: _aio.UnaryUnaryMultiCallable[_router_pb2.ListProvidersRequest, _router_pb2.ListProvidersResponse]  # type: ignore[assignment]
     """Configuration and current health of each provider."""
+    PauseProvider: _aio.UnaryUnaryMultiCallable[_router_pb2.PauseProviderRequest, _router_pb2.PauseProviderResponse]  # type: ignore[assignment]
+    """Stops routing to a provider (manual failover), for every intent or for one; every
+    router replica follows within a second. Intents only it could serve wait.
+    """
+    ResumeProvider: _aio.UnaryUnaryMultiCallable[_router_pb2.ResumeProviderRequest, _router_pb2.ResumeProviderResponse]  # type: ignore[assignment]
+    """Undoes PauseProvider; intents that waited for it become due at once."""
+    RetryFailed: _aio.UnaryUnaryMultiCallable[_router_pb2.RetryFailedRequest, _router_pb2.RetryFailedResponse]  # type: ignore[assignment]
+    """Puts failed intents back in the queue, filtered by campaign, error text and failure
+    time, optionally forcing a provider. Idempotent per request_id.
+    """
 
 class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
     """Operators' view of the routing queue and the providers."""
@@ -66,5 +86,33 @@ class RouterServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_router_pb2.ListProvidersResponse, _abc.Awaitable[_router_pb2.ListProvidersResponse]]:
         """Configuration and current health of each provider."""
+
+    @_abc_1.abstractmethod
+    def PauseProvider(
+        self,
+        request: _router_pb2.PauseProviderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.PauseProviderResponse, _abc.Awaitable[_router_pb2.PauseProviderResponse]]:
+        """Stops routing to a provider (manual failover), for every intent or for one; every
+        router replica follows within a second. Intents only it could serve wait.
+        """
+
+    @_abc_1.abstractmethod
+    def ResumeProvider(
+        self,
+        request: _router_pb2.ResumeProviderRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.ResumeProviderResponse, _abc.Awaitable[_router_pb2.ResumeProviderResponse]]:
+        """Undoes PauseProvider; intents that waited for it become due at once."""
+
+    @_abc_1.abstractmethod
+    def RetryFailed(
+        self,
+        request: _router_pb2.RetryFailedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_router_pb2.RetryFailedResponse, _abc.Awaitable[_router_pb2.RetryFailedResponse]]:
+        """Puts failed intents back in the queue, filtered by campaign, error text and failure
+        time, optionally forcing a provider. Idempotent per request_id.
+        """
 
 def add_RouterServiceServicer_to_server(servicer: RouterServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -96,7 +96,7 @@ _INTENT_COLUMNS = """
     id, idempotency_key, campaign_id, recipient, kind::text AS kind, priority, template_id,
     variables, send_at, deadline, due_at, status::text AS status, provider,
     provider_message_id, attempts, last_error, traceparent, created_at, updated_at, run,
-    smtputf8
+    smtputf8, route_reason, route_cost, held_for
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
@@ -203,6 +203,11 @@ class IntentRow:
     run: str = ""
     smtputf8: bool = False
 
+    # the router's latest decision (migration 0003)
+    route_reason: str | None = None
+    route_cost: float | None = None
+    held_for: str | None = None
+
 
 def _json_text(variables: Mapping[str, str]) -> str:
     return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
@@ -307,6 +312,9 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         updated_at=rec["updated_at"],
         run=rec["run"],
         smtputf8=rec["smtputf8"],
+        route_reason=rec["route_reason"],
+        route_cost=rec["route_cost"],
+        held_for=rec["held_for"],
     )
 
 

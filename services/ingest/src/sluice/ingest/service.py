@@ -61,6 +61,9 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
         last_error=row.last_error or "",
         run=row.run,
         smtputf8=row.smtputf8,
+        route_reason=row.route_reason or "",
+        route_cost=row.route_cost or 0.0,
+        held_for=row.held_for or "",
     )
     for name, value in (
         ("send_at", row.send_at),

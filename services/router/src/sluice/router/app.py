@@ -17,6 +17,7 @@ from sluice.common.db import create_pool
 from sluice.common.grpcserver import MAX_MESSAGE_BYTES
 from sluice.common.metrics import Metrics
 from sluice.common.providers import ProviderConfig, load_providers
+from sluice.common.redis import create_redis
 from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
 from sluice.common.tls import channel_credentials
@@ -41,6 +42,11 @@ SENDER_CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.keepalive_time_ms", 60_000),
     ("grpc.keepalive_timeout_ms", 20_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    # Reconnect to a restarted sender within a second: gRPC's default backoff grows to
+    # two minutes, which held mail long after a 2-second sender restart.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 )
@@ -55,6 +61,8 @@ class RouterResources:
     pool: asyncpg.Pool
     sender: SenderServiceAsyncStub
     providers: tuple[ProviderConfig, ...]
+    # shares throttle pacing between routers; None: each router paces alone
+    redis: Any = None
 
 
 async def open_resources(
@@ -87,7 +95,10 @@ async def open_resources(
     stack.push_async_callback(channel.close)
     # grpc ships no type hints, so the stub's overload cannot see an aio channel.
     sender = cast("SenderServiceAsyncStub", sender_pb2_grpc.SenderServiceStub(channel))
-    return RouterResources(pool=pool, sender=sender, providers=providers)
+    redis = await create_redis(settings.redis_url, check=False) if settings.redis_url else None
+    if redis is not None:
+        stack.push_async_callback(redis.aclose)
+    return RouterResources(pool=pool, sender=sender, providers=providers, redis=redis)
 
 
 def build(
@@ -123,9 +134,13 @@ def build(
         telemetry,
         health=health,
         metrics=observer,
+        redis=resources.redis,
     )
     router_pb2_grpc.add_RouterServiceServicer_to_server(
-        RouterServicer(resources.pool, resources.providers, health), grpc_listener.server
+        RouterServicer(
+            resources.pool, resources.providers, health, dispatcher.state, dispatcher.book
+        ),
+        grpc_listener.server,
     )
 
     async def start_dispatching() -> None:

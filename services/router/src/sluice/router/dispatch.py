@@ -1,62 +1,53 @@
-"""The dispatcher: the router's loops that lease due intents, send them, and write back.
+"""The dispatcher: the router's lifecycle (workers, reclaimer, prober) around one round.
 
 One round, run by each of ``settings.router_concurrency`` workers in a loop::
 
-    lease(batch_size) -> route -> templates (cached) -> concurrent SendBatch calls
+    lease(batch_size) -> route (one plan_routes call) -> concurrent SendBatch calls
         -> one Completion per leased intent -> ONE complete() for the lease
 
-No database transaction is open while SendBatch runs: the lease is its own committed
-statement and so is the write-back (the seed held one transaction across provider calls).
-The lease's expiry is what protects an intent while it is in flight; the settings keep the
-sender timeout shorter than the lease.
+No database transaction is open while SendBatch runs; the lease's expiry protects an intent
+in flight, and a round that finds its lease too old to send under skips the send. What the
+answers mean is decided in :mod:`sluice.router.sender_client` (one typed outcome per
+message) and :mod:`sluice.router.outcomes` (the intent's next state); what they say about
+providers is kept by :mod:`sluice.router.provider_state`.
 
-A separate reclaimer turns leases that ran out (a router crashed) back into pending intents.
-
-Shutdown (:meth:`Dispatcher.stop`): stop leasing, let rounds in flight finish within the
-grace period, cancel what is left, and give back (release) the leases still held, so another
-router picks those intents up at once instead of after the lease expiry.
+An intent whose SendBatch call started is never released: its call may have reached a
+provider. A round cancelled mid-gather writes what it knows (the finished calls' outcomes,
+and UNKNOWN for the calls cut short) and releases only the intents no call carried; the
+write-back runs in a task of its own, shielded from the round's cancellation, and
+:meth:`Dispatcher.stop` waits for it before releasing anything.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
 import uuid
-from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
-
-import grpc
-from opentelemetry import trace
+from typing import TYPE_CHECKING, Any
 
 from sluice.common.db import Executor
-from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
-from sluice.common.telemetry import Telemetry, context_from_traceparent, current_traceparent
+from sluice.common.telemetry import Telemetry
 from sluice.common.templates import TemplateCache, TemplateRow
 from sluice.router import repository
+from sluice.router.circuit import CircuitBreakers
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.metrics import RouterMetrics
+from sluice.router.outcomes import URGENT_KIND, RetryPolicy, resolve_batch
+from sluice.router.pacing import LocalPacer, Pacer, RedisPacer
+from sluice.router.provider_state import OutageClock, ProviderState
 from sluice.router.repository import Completion, LeasedIntent
-from sluice.router.routing import (
-    SENDER_TARGET,
-    OutageBackoff,
-    PlannedBatch,
-    ProviderChooser,
-    RetryPolicy,
-    ThrottlePacer,
-    plan_routes,
-    resolve_batch,
-    resolve_batch_failure,
-    retry_after_seconds,
-)
+from sluice.router.round import RoundBook, RoundWork, account, write_back
+from sluice.router.routing import PlannedBatch
+from sluice.router.sender_client import BatchOutcome, MessageOutcome, SenderClient
 from sluice.router.settings import RouterSettings
 from sluice.router.stats import DispatchStats, RoundResult
-from sluice.router.tracing import _batch_link, _end_route_span
+from sluice.router.tracing import RoundTracing
 from sluice.v1 import sender_pb2
 
 if TYPE_CHECKING:
@@ -71,17 +62,32 @@ log = logging.getLogger("sluice.router.dispatch")
 THROTTLE_PAUSE_CAP_SECONDS = 5.0
 # Back-off of a worker whose round failed (database down): idle_sleep * 2**n, capped.
 ERROR_PAUSE_CAP_SECONDS = 30.0
-# Reclaim in chunks so one statement never locks a huge number of rows.
 RECLAIM_CHUNK = 1000
-RELEASE_TIMEOUT_SECONDS = 5.0
+SETTLE_TIMEOUT_SECONDS = 5.0
+CANCELLED_REASON = "round cancelled while SendBatch was in flight"
+_NO_OUTCOME = MessageOutcome(sender_pb2.SEND_OUTCOME_UNKNOWN)
+
+
+@dataclass
+class _Round:
+    """A lease in progress: what it holds, which intents a call carried, what is known."""
+
+    lease_id: uuid.UUID
+    leased: dict[uuid.UUID, LeasedIntent]
+    started: float
+    in_flight: dict[int, tuple[PlannedBatch, tuple[LeasedIntent, ...]]] = field(
+        default_factory=dict
+    )
+    completions: list[Completion] = field(default_factory=list)
+    writeback: asyncio.Task[int] | None = None
 
 
 class Dispatcher:
     """Leases, routes, sends and writes back, in ``settings.router_concurrency`` workers.
 
-    Build it with the router's resources; :meth:`start` launches the workers and the
-    reclaimer, :meth:`stop` shuts them down and gives back unfinished leases. Tests can drive
-    single rounds with :meth:`run_round` and :meth:`reclaim_once` without starting it.
+    :meth:`start` launches the workers, the reclaimer and the outage prober; :meth:`stop`
+    shuts them down and settles unfinished rounds. Tests drive single rounds with
+    :meth:`run_round`, :meth:`reclaim_once` and :meth:`probe_once` without starting it.
     """
 
     def __init__(
@@ -95,34 +101,48 @@ class Dispatcher:
         health: ProviderHealthTracker | None = None,
         templates: TemplateCache | None = None,
         rng: random.Random | None = None,
+        redis: Any = None,
+        circuits: CircuitBreakers | None = None,
         metrics: RouterMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.health = health if health is not None else ProviderHealthTracker(providers)
+        self._rng = rng if rng is not None else random.Random()
+        rates = {p.name: p.sustained_rate for p in providers}
+        pacer: Pacer = (
+            RedisPacer(redis, settings.redis_prefix, rates, settings.retry_max_seconds)
+            if redis is not None
+            else LocalPacer(rates, settings.retry_max_seconds)
+        )
+        self.state = ProviderState(
+            providers,
+            health=health if health is not None else ProviderHealthTracker(providers),
+            circuits=circuits if circuits is not None else CircuitBreakers(settings.circuit()),
+            pacer=pacer,
+            outages=OutageClock(
+                probe_interval=settings.outage_probe_seconds,
+                hold_max=settings.outage_hold_max_seconds,
+                rng=self._rng,
+            ),
+        )
+        self.health = self.state.health
         self.stats = DispatchStats()
         self._pool = pool
-        self._sender = sender
-        self._chooser = ProviderChooser(providers)
-        self._telemetry = telemetry
-        self._tracing = telemetry.enabled
+        self._client = SenderClient(sender, timeout=settings.sender_timeout_seconds)
+        self.book = RoundBook(pool, providers, self.state, self._rng, settings)
+        self._tracing = RoundTracing(telemetry)
         self._templates = templates if templates is not None else TemplateCache(pool)
         self._policy = RetryPolicy.from_settings(settings)
-        self._pacer = ThrottlePacer(
-            {p.name: p.sustained_rate for p in providers}, max_spread=settings.retry_max_seconds
-        )
-        self._outage = OutageBackoff(self._policy)
-        self._rng = rng if rng is not None else random.Random()
         self._stopping = asyncio.Event()
+        self._recovered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # lease id -> intents still under it, for release on shutdown.
-        self._held: dict[uuid.UUID, list[uuid.UUID]] = {}
+        self._rounds: dict[uuid.UUID, _Round] = {}
 
     # ---- lifecycle -------------------------------------------------------------------------
 
     @property
     def tasks(self) -> tuple[asyncio.Task[None], ...]:
-        """The workers and the reclaimer, for a supervisor to watch."""
+        """The workers, the reclaimer and the prober, for a supervisor to watch."""
         return tuple(self._tasks)
 
     @property
@@ -131,7 +151,7 @@ class Dispatcher:
         return bool(self._tasks) and not self._stopping.is_set()
 
     async def start(self) -> None:
-        """Launches the workers and the reclaimer."""
+        """Launches the workers, the reclaimer and the prober."""
         if self._tasks:
             raise RuntimeError("dispatcher already started")
         self._stopping.clear()
@@ -140,6 +160,7 @@ class Dispatcher:
             for n in range(self.settings.router_concurrency)
         ]
         self._tasks.append(asyncio.create_task(self._reclaimer(), name="sluice-router-reclaimer"))
+        self._tasks.append(asyncio.create_task(self._prober(), name="sluice-router-prober"))
         log.info(
             "dispatcher started",
             extra={
@@ -150,7 +171,7 @@ class Dispatcher:
 
     async def stop(self, grace: float) -> None:
         """Stops leasing, waits up to ``grace`` s for rounds in flight, cancels the rest and
-        releases the leases they held. Safe to call twice."""
+        settles what they held (see the module docstring). Safe to call twice."""
         self._stopping.set()
         tasks, self._tasks = self._tasks, []
         if tasks:
@@ -158,36 +179,30 @@ class Dispatcher:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        await self._release_held()
+        rounds, self._rounds = list(self._rounds.values()), {}
+        for r in rounds:
+            await self._settle(r)
         log.info(
             "dispatcher stopped",
             extra={"sent": sum(self.stats.sent.values()), "released": self.stats.released},
         )
 
-    async def _release_held(self) -> None:
-        held, self._held = self._held, {}
-        for lease_id, ids in held.items():
-            try:
-                released = await asyncio.wait_for(
-                    repository.release(self._pool, lease_id=lease_id, ids=ids),
-                    RELEASE_TIMEOUT_SECONDS,
-                )
-            except Exception:
-                # The lease still expires and gets reclaimed; nothing is lost, only delayed.
-                log.exception("could not release %d leased intents", len(ids))
-            else:
-                self.stats.released += released
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleeps ``seconds`` unless stop is requested first."""
+    async def _pause(self, seconds: float, *, wake_on_recovery: bool = False) -> None:
+        """Sleeps ``seconds`` unless stop is requested (or, if asked, a target recovers)."""
         if seconds <= 0:
             return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if wake_on_recovery:
+            waits.append(asyncio.ensure_future(self._recovered.wait()))
+        try:
+            await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
 
     async def _worker(self, number: int) -> None:
         idle = self.settings.router_idle_sleep
-        errors = outages = 0
+        errors = 0
         while not self._stopping.is_set():
             try:
                 result = await self.run_round()
@@ -200,16 +215,14 @@ class Dispatcher:
                 continue
             errors = 0
             if result.batches and result.unreachable == result.batches and result.sent == 0:
-                # Nothing could be handed over (sender or provider down): back off like an
-                # error streak instead of leasing the next batch at once.
-                outages += 1
-                if outages == 1:
-                    log.warning("worker %d: nothing could be handed over; backing off", number)
-                pause = min(ERROR_PAUSE_CAP_SECONDS, max(idle, 0.05) * 2.0 ** min(outages, 16))
-                await self._pause(pause * self._rng.uniform(0.5, 1.0))
-                continue
-            outages = 0
-            if result.leased == 0:
+                # Nothing could be handed over: the prober watches the target; wait for it
+                # (woken at once when it answers) rather than lease the next batch now.
+                self._recovered.clear()
+                await self._pause(
+                    self.settings.outage_probe_seconds * self._rng.uniform(1.0, 2.0),
+                    wake_on_recovery=True,
+                )
+            elif result.leased == 0:
                 # Jitter keeps idle workers of many routers from polling in lockstep.
                 await self._pause(idle * self._rng.uniform(0.5, 1.5))
             elif result.sent == 0 and result.throttle_pause is not None:
@@ -241,342 +254,194 @@ class Dispatcher:
             log.info("reclaimed %d expired leases", total)
         return total
 
+    async def _prober(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                await self.probe_once()
+            except Exception:
+                log.exception("probing unreachable targets failed")
+            await self._pause(self.settings.outage_probe_seconds)
+
+    async def probe_once(self) -> list[str]:
+        """Probes every target believed down; releases the intents held for those that
+        answer. Returns the targets that recovered."""
+        recovered = []
+        for target in self.state.outages.targets():
+            provider = None if target.startswith("<") else target
+            if await self._client.probe(provider) and self.state.outages.up(target):
+                recovered.append(target)
+        await self._release_held(recovered)
+        return recovered
+
+    async def _release_held(self, targets: Sequence[str]) -> None:
+        for target in targets:
+            released = await repository.release_held(self._pool, target)
+            config = self.state.providers.get(target)
+            # Intents of a kind it alone serves waited for "a provider", not for it by name.
+            for kind in sorted(config.intents) if config is not None else ():
+                released += await repository.release_held(self._pool, f"kind:{kind}")
+            self.stats.outage_released += released
+            log.info("%s answers again: released %d held intents", target, released)
+        if targets:
+            self._recovered.set()
+
     # ---- one round -------------------------------------------------------------------------
 
     async def run_round(self) -> RoundResult:
         """Leases one batch, sends it, writes every result back; returns what happened."""
         lease_id = uuid.uuid4()
+        started = time.monotonic()
         leased = await repository.lease(
             self._pool,
             lease_id=lease_id,
             limit=self.settings.router_batch_size,
             lease_seconds=self.settings.lease_seconds,
+            campaign_share=self.settings.lease_campaign_share,
         )
         if not leased:
             return RoundResult()
-        started = time.perf_counter()
-        tally = _RoundTally()
-        self._held[lease_id] = [i.id for i in leased]
+        r = _Round(lease_id, {i.id: i for i in leased}, started)
+        self._rounds[lease_id] = r
+        tally = _Tally()
         try:
-            if self._tracing:
-                with self._telemetry.tracer.start_as_current_span(
-                    "sluice.dispatch",
-                    attributes={"sluice.lease_id": str(lease_id), "sluice.leased": len(leased)},
-                ):
-                    completions = await self._route_and_send(lease_id, leased, tally)
-            else:
-                completions = await self._route_and_send(lease_id, leased, tally)
+            with self._tracing.dispatch(lease_id, len(leased)):
+                await self._route_and_send(r, tally)
         except asyncio.CancelledError:
-            raise  # stop() releases what is still in _held
+            raise  # stop() settles what _rounds still holds
         except Exception:
-            await self._release_now(lease_id)
+            self._rounds.pop(lease_id, None)
+            await self._settle(r)
             raise
-        # From here the sends happened: the results must be written, never released (a
-        # release would send accepted intents again).
-        try:
-            written = await self._complete(lease_id, completions)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            # The write-back failed for good; the lease expires and the reclaimer returns the
-            # intents, which is the duplicate window promise 5 allows.
-            self._held.pop(lease_id, None)
-            raise
-        self._held.pop(lease_id, None)
-        result = self._account(
-            leased, completions, written, tally.seconds, tally.batches, tally.unreachable
-        )
+        # The write-back is its own task: cancelling this round must not cancel it, or the
+        # accepted intents would be left for stop() to release and send again.
+        r.writeback = asyncio.create_task(write_back(self._pool, lease_id, r.completions))
+        r.in_flight.clear()
+        written = await asyncio.shield(r.writeback)
+        self._rounds.pop(lease_id, None)
+        done = {c.intent_id for c in r.completions}
+        if len(done) < len(leased):
+            # Sends skipped because the lease grew too old: give back what is still ours.
+            rest = [i for i in r.leased if i not in done]
+            self.stats.released += await repository.release(self._pool, lease_id=lease_id, ids=rest)
+        await self.book.after_write(r.completions, r.leased)
+        result = account(self.stats, leased, r.completions, written, tally)
         if self.metrics is not None:
-            self.metrics.observe_round(leased, completions, time.perf_counter() - started)
-        log.debug(
-            "round leased=%d sent=%d throttled=%d retrying=%d failed=%d expired=%d "
-            "written=%d in %.1f ms",
-            result.leased,
-            result.sent,
-            result.throttled,
-            result.retrying,
-            result.failed,
-            result.expired,
-            result.written,
-            (time.perf_counter() - started) * 1000,
-        )
+            self.metrics.observe_round(leased, r.completions, time.monotonic() - started)
+        log.debug("round %s in %.1f ms", result, (time.monotonic() - started) * 1000)
         return result
 
-    async def _release_now(self, lease_id: uuid.UUID) -> None:
-        ids = self._held.pop(lease_id, [])
-        try:
-            self.stats.released += await repository.release(self._pool, lease_id=lease_id, ids=ids)
-        except Exception:
-            log.exception("could not release %d leased intents after a failed round", len(ids))
-
-    async def _route_and_send(
-        self, lease_id: uuid.UUID, leased: Sequence[LeasedIntent], tally: _RoundTally
-    ) -> list[Completion]:
-        plan = plan_routes(
-            leased, self._chooser, now=datetime.now(UTC), degraded=self.health.degraded()
-        )
-        completions = list(plan.decided)
-        if self._tracing and plan.decided:
-            by_id = {i.id: i for i in leased}
-            for c in plan.decided:
-                self._decided_span(c, by_id[c.intent_id])
-        if not plan.batches:
-            return completions
-        templates = await self._templates.get_many(b.template_id for b in plan.batches)
+    async def _route_and_send(self, r: _Round, tally: _Tally) -> None:
+        now = datetime.now(UTC)
+        work: RoundWork = await self.book.plan(list(r.leased.values()), now)
+        r.completions.extend(work.decided)
+        self._tracing.decided(work.decided, r.leased)
+        if not work.batches:
+            return
+        templates = await self._templates.get_many(b.template_id for b in work.batches)
         calls = []
-        for n, batch in enumerate(plan.batches):
+        for n, batch in enumerate(work.batches):
             row = templates.get(batch.template_id)
             if row is None:
                 error = f"template {batch.template_id} not found"
-                completions.extend(
+                r.completions.extend(
                     Completion(intent_id=i.id, status="failed", last_error=error)
                     for i in batch.intents
                 )
                 continue
-            calls.append(
-                self._send(batch, _template_content(row), f"{lease_id.hex[:12]}-{n}", tally)
-            )
-        for batch_completions in await asyncio.gather(*calls):
-            completions.extend(batch_completions)
-        return completions
+            calls.append(self._send(r, n, batch, row, tally))
+        await asyncio.gather(*calls)
 
     async def _send(
-        self,
-        batch: PlannedBatch,
-        template: sender_pb2.TemplateContent,
-        request_id: str,
-        tally: _RoundTally,
-    ) -> list[Completion]:
-        spans: list[trace.Span] = []
-        if self._tracing:
-            messages = []
-            for intent in batch.intents:
-                span, traceparent = self._route_span(intent, batch.provider)
-                spans.append(span)
-                messages.append(_message(intent, traceparent))
-        else:
-            messages = [_message(intent, "") for intent in batch.intents]
-        request = sender_pb2.SendBatchRequest(
-            provider=batch.provider, template=template, messages=messages
-        )
-        error: str | None = None
-        reached_provider = True
+        self, r: _Round, n: int, batch: PlannedBatch, template: TemplateRow, tally: _Tally
+    ) -> None:
+        # A round whose lease may run out before the call returns sends nothing: another
+        # router may already own these intents (this process was paused, or very slow).
+        margin = self.settings.lease_seconds - self.settings.sender_timeout_seconds
+        if time.monotonic() - r.started > margin * 0.9:
+            self.stats.lease_too_old += len(batch.intents)
+            log.warning("lease %s too old to send %d intents", r.lease_id, len(batch.intents))
+            return  # no completion: settled by release, which checks the lease
+        spans, request = self._tracing.request(batch, template)
+        r.in_flight[n] = (batch, batch.intents)
         try:
-            response = await self._sender.SendBatch(
-                request,
-                timeout=self.settings.sender_timeout_seconds,
-                metadata=(("x-request-id", request_id),),
-            )
-        except grpc.aio.AioRpcError as exc:
-            error = f"SendBatch to {batch.provider} failed: {exc.code().name}: {exc.details()}"
-            reached_provider = exc.code() != grpc.StatusCode.UNAVAILABLE
-            log.warning("%s", error, extra={"send_request": request_id, "messages": len(messages)})
+            outcome = await self._client.send(request, f"{r.lease_id.hex[:12]}-{n}")
         except asyncio.CancelledError:
-            for span in spans:
-                span.end()
+            self._tracing.abandon(spans)
             raise
-        except Exception as exc:
-            # Not a gRPC status (a bug, a serialisation problem): fail this batch only, not
-            # the other batches of the lease whose results are already in.
-            error = f"SendBatch to {batch.provider} failed: {type(exc).__name__}: {exc}"
-            log.exception("SendBatch raised", extra={"send_request": request_id})
-        now = datetime.now(UTC)
-        tally.batches += 1
-        if error is None:
-            self._outage.record(SENDER_TARGET, reachable=True)
-            outcomes = {r.outcome for r in response.results}
-            if outcomes == {sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE}:
-                tally.unreachable += 1
-                self._outage.record(batch.provider, reachable=False)
-            elif sender_pb2.SEND_OUTCOME_ACCEPTED in outcomes:
-                self._outage.record(batch.provider, reachable=True)
-            completions = resolve_batch(
-                batch,
-                response.results,
-                now=now,
-                policy=self._policy,
-                rng=self._rng,
-                pacer=self._pacer,
-                outage=self._outage,
-            )
-            tally.note(response.results)
-            self._record_health(batch, response.results)
-        else:
+        del r.in_flight[n]
+        completions = await self._resolve(batch, outcome)
+        r.completions.extend(completions)
+        tally.note(outcome)
+        self._tracing.end(spans, completions)
+        if not outcome.sender_reached or outcome.error:
             self.stats.batch_errors += 1
-            if not reached_provider:
-                tally.unreachable += 1
-                self._outage.record(SENDER_TARGET, reachable=False)
-            completions = resolve_batch_failure(
-                batch,
-                error,
-                now=now,
-                policy=self._policy,
-                rng=self._rng,
-                reached_provider=reached_provider,
-                outage=self._outage,
-            )
-            if reached_provider:
-                # An unreachable sender says nothing about the provider's health.
-                self.health.record(batch.provider, failed=len(batch.intents))
-        if spans:
-            # Both resolvers answer in batch.intents order, the order the spans were made in.
-            for span, c in zip(spans, completions, strict=True):
-                _end_route_span(span, c)
-        return completions
 
-    def _record_health(self, batch: PlannedBatch, results: Sequence[sender_pb2.SendResult]) -> None:
-        # Throttling says the limiter works and a permanent failure says the message is bad;
-        # neither says anything about the provider. Everything else that is not an
-        # acceptance (transient, unspecified, missing) counts against it.
-        outcomes = Counter(r.outcome for r in results)
-        accepted = outcomes[sender_pb2.SEND_OUTCOME_ACCEPTED]
-        neutral = (
-            outcomes[sender_pb2.SEND_OUTCOME_THROTTLED]
-            + outcomes[sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE]
+    async def _resolve(self, batch: PlannedBatch, outcome: BatchOutcome) -> list[Completion]:
+        kind = batch.intents[0].kind if batch.intents else ""
+        recovered = self.state.observe(outcome, kind)
+        if recovered:
+            await self._release_held(recovered)
+        now = datetime.now(UTC)
+        paced = sum(
+            1
+            for i in batch.intents
+            if i.kind != URGENT_KIND
+            and outcome.messages.get(str(i.id), _NO_OUTCOME).outcome
+            == sender_pb2.SEND_OUTCOME_THROTTLED
         )
-        failed = max(0, len(batch.intents) - accepted - neutral)
-        self.health.record(batch.provider, accepted=accepted, failed=failed)
-
-    def _route_span(self, intent: LeasedIntent, provider: str) -> tuple[trace.Span, str]:
-        """Starts the intent's ``sluice.route`` span as a child of its submitting call."""
-        span = self._telemetry.tracer.start_span(
-            "sluice.route",
-            context=context_from_traceparent(intent.traceparent),
-            attributes={
-                "sluice.intent_id": str(intent.id),
-                "sluice.intent": intent.kind,
-                "sluice.provider": provider,
-                "sluice.attempt": intent.attempts + 1,
-            },
-            links=_batch_link(),
+        timing = await self.state.timing(outcome, now, paced)
+        completions = resolve_batch(
+            batch.intents, outcome, now=now, policy=self._policy, rng=self._rng, timing=timing
         )
-        with trace.use_span(span, end_on_exit=False):
-            traceparent = current_traceparent()
-        return span, traceparent
+        return self.book.decorate(batch, completions)
 
-    def _decided_span(self, completion: Completion, intent: LeasedIntent) -> None:
-        """A ``sluice.route`` span for an intent decided without sending (expired, no
-        provider), so its trace shows why it stopped."""
-        span = self._telemetry.tracer.start_span(
-            "sluice.route",
-            context=context_from_traceparent(intent.traceparent),
-            attributes={"sluice.intent_id": str(intent.id), "sluice.intent": intent.kind},
-            links=_batch_link(),
-        )
-        _end_route_span(span, completion)
-
-    async def _complete(self, lease_id: uuid.UUID, completions: Sequence[Completion]) -> int:
-        """One write-back for the whole lease, retried on connection errors while the lease
-        is still comfortably alive."""
-        deadline = time.monotonic() + self.settings.lease_seconds * 0.5
-        delay = 0.1
-        while True:
-            try:
-                return await repository.complete(
-                    self._pool, lease_id=lease_id, completions=completions
+    async def _settle(self, r: _Round) -> None:
+        """Finishes a round that did not reach its write-back: the known outcomes and
+        UNKNOWN for cut-short calls are written; intents no call carried are released."""
+        try:
+            if r.writeback is not None:
+                await asyncio.wait_for(asyncio.shield(r.writeback), SETTLE_TIMEOUT_SECONDS)
+                return
+            for batch, intents in r.in_flight.values():
+                unknown = MessageOutcome(sender_pb2.SEND_OUTCOME_UNKNOWN, reason=CANCELLED_REASON)
+                cut = BatchOutcome(batch.provider, {str(i.id): unknown for i in intents})
+                r.completions.extend(await self._resolve(batch, cut))
+                self.stats.unknown[batch.provider] += len(intents)
+            done = {c.intent_id for c in r.completions}
+            rest = [i for i in r.leased if i not in done]
+            if r.completions:
+                await asyncio.wait_for(
+                    write_back(self._pool, r.lease_id, r.completions), SETTLE_TIMEOUT_SECONDS
                 )
-            except Unavailable as exc:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("write-back failed, retrying in %.1f s: %s", delay, exc)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-
-    def _account(
-        self,
-        leased: Sequence[LeasedIntent],
-        completions: Sequence[Completion],
-        written: int,
-        throttle_pause: float | None,
-        batches: int = 0,
-        unreachable: int = 0,
-    ) -> RoundResult:
-        stats = self.stats
-        stats.rounds += 1
-        stats.leased += len(leased)
-        sent = throttled = retrying = failed = expired = 0
-        for c in completions:
-            if c.status == "sent":
-                sent += 1
-                stats.sent[c.provider or ""] += 1
-            elif c.status == "pending" and not c.attempted and c.last_error is None:
-                # Throttled: no attempt and no error (an unreachable sender sets an error).
-                throttled += 1
-                stats.throttled[c.provider or ""] += 1
-            elif c.status == "pending":
-                retrying += 1
-                stats.retrying[c.provider or ""] += 1
-            elif c.status == "failed":
-                failed += 1
-                stats.failed_by_provider[c.provider or ""] += 1
-            else:
-                expired += 1
-        stats.failed += failed
-        stats.expired += expired
-        if written < len(completions):
-            # Another router leased some of these after our lease ran out: its results win.
-            stats.results_dropped += len(completions) - written
-            log.warning(
-                "%d of %d results not written: the lease was lost",
-                len(completions) - written,
-                len(completions),
-            )
-        return RoundResult(
-            leased=len(leased),
-            sent=sent,
-            throttled=throttled,
-            retrying=retrying,
-            failed=failed,
-            expired=expired,
-            written=written,
-            throttle_pause=throttle_pause,
-            batches=batches,
-            unreachable=unreachable,
-        )
+            if rest:
+                self.stats.released += await asyncio.wait_for(
+                    repository.release(self._pool, lease_id=r.lease_id, ids=rest),
+                    SETTLE_TIMEOUT_SECONDS,
+                )
+        except Exception:
+            # The lease still expires and is reclaimed; nothing is lost, only delayed.
+            log.exception("could not settle lease %s", r.lease_id)
 
 
-class _RoundTally:
-    """What a round's SendBatch calls said, for deciding how long the worker pauses.
-
-    ``seconds`` is the shortest retry-after the sender gave (None: nothing throttled): the
-    pause after an all-throttled round waits for the limiter itself, not for the throttled
-    intents' own due times, which the pacer spreads far beyond it. ``unreachable`` counts
-    the calls that handed nothing over (the sender, or the provider, was down).
-    """
+class _Tally:
+    """What a round's calls said, for how long its worker pauses: the shortest retry-after
+    of a throttled message, and how many calls handed nothing over."""
 
     def __init__(self) -> None:
         self.seconds: float | None = None
         self.batches = 0
         self.unreachable = 0
 
-    def note(self, results: Sequence[sender_pb2.SendResult]) -> None:
-        for r in results:
-            if r.outcome == sender_pb2.SEND_OUTCOME_THROTTLED:
-                wait = retry_after_seconds(r)
-                if self.seconds is None or wait < self.seconds:
-                    self.seconds = wait
-
-
-def _template_content(row: TemplateRow) -> sender_pb2.TemplateContent:
-    return sender_pb2.TemplateContent(
-        id=row.id,
-        version=row.version,
-        subject=row.subject,
-        html_body=row.html_body,
-        text_body=row.text_body,
-        variables=list(row.variables),
-        from_address=row.from_address,
-    )
-
-
-def _message(intent: LeasedIntent, traceparent: str) -> sender_pb2.OutboundMessage:
-    intent_id = str(intent.id)
-    return sender_pb2.OutboundMessage(
-        intent_id=intent_id,
-        recipient=intent.recipient,
-        variables=intent.variables,
-        # The intent id, not the client's key: unique per intent and stable across retries,
-        # which is what a provider's idempotency key needs.
-        idempotency_key=intent_id,
-        traceparent=traceparent,
-    )
+    def note(self, outcome: BatchOutcome) -> None:
+        self.batches += 1
+        values = outcome.messages.values()
+        if not outcome.sender_reached or (
+            values
+            and all(m.outcome == sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE for m in values)
+        ):
+            self.unreachable += 1
+        for m in values:
+            if m.outcome == sender_pb2.SEND_OUTCOME_THROTTLED and (
+                self.seconds is None or m.retry_after < self.seconds
+            ):
+                self.seconds = m.retry_after

@@ -23,6 +23,7 @@ from sluice.common.db import Executor, db_boundary
 from sluice.common.errors import Unavailable
 from sluice.common.metrics import LATENCY_BUCKETS, Metrics
 from sluice.common.providers import INTENT_KINDS, ProviderConfig
+from sluice.v1 import sender_pb2
 
 log = logging.getLogger("sluice.router.metrics")
 
@@ -57,6 +58,8 @@ class _Completion(Protocol):
     def attempted(self) -> bool: ...
     @property
     def last_error(self) -> str | None: ...
+    @property
+    def outcome(self) -> int | None: ...
 
 
 class _Health(Protocol):
@@ -65,7 +68,10 @@ class _Health(Protocol):
 
 
 def outcome_of(c: _Completion) -> str:
-    """The result label of one completion."""
+    """The result label of one completion: the send outcome it carries, else how it was
+    decided without sending."""
+    if c.outcome is not None:
+        return _OUTCOME_LABELS.get(c.outcome, "transient")
     if c.status == "sent":
         return "accepted"
     if c.status == "pending":
@@ -77,6 +83,16 @@ def outcome_of(c: _Completion) -> str:
     if c.status == "expired":
         return "expired"
     return "permanent"
+
+
+_OUTCOME_LABELS: dict[int, str] = {
+    sender_pb2.SEND_OUTCOME_ACCEPTED: "accepted",
+    sender_pb2.SEND_OUTCOME_THROTTLED: "throttled",
+    sender_pb2.SEND_OUTCOME_TRANSIENT_FAILURE: "transient",
+    sender_pb2.SEND_OUTCOME_PERMANENT_FAILURE: "permanent",
+    sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE: "unavailable",
+    sender_pb2.SEND_OUTCOME_UNKNOWN: "unknown",
+}
 
 
 class RouterMetrics:

@@ -29,6 +29,7 @@ __all__ = [
     "queue_stats",
     "reclaim_expired",
     "release",
+    "release_held",
 ]
 
 COMPLETION_STATUSES = frozenset({"sent", "pending", "failed", "expired"})
@@ -59,8 +60,58 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED
 ))
 RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
-          idempotency_key, traceparent, campaign_id, smtputf8
+          idempotency_key, traceparent, campaign_id, smtputf8, forced_provider
 """
+
+# The same with a fair share per campaign: a skip scan of the (priority, campaign_id,
+# due_at) index finds the campaigns with pending rows (one index probe each, at most $5
+# of them with due rows), each gives at most its share of the lease, oldest due first, and
+# the lease takes them in priority order, interleaved round-robin between the campaigns of a
+# priority. A campaign's share is the larger of limit * $3 and an equal split between the
+# due campaigns, so one campaign alone still fills the lease.
+LEASE_FAIR_SQL = """
+WITH RECURSIVE camps AS (
+    (SELECT priority, campaign_id, due_at FROM intents
+     WHERE status = 'pending'
+     ORDER BY priority, campaign_id, due_at LIMIT 1)
+    UNION ALL
+    SELECT n.priority, n.campaign_id, n.due_at
+    FROM camps c CROSS JOIN LATERAL (
+        SELECT priority, campaign_id, due_at FROM intents
+        WHERE status = 'pending' AND (priority, campaign_id) > (c.priority, c.campaign_id)
+        ORDER BY priority, campaign_id, due_at LIMIT 1
+    ) n
+),
+due_camps AS MATERIALIZED (
+    SELECT priority, campaign_id FROM camps WHERE due_at <= now() LIMIT $4
+),
+picked AS (
+    SELECT l.id, d.priority, l.rn
+    FROM due_camps d CROSS JOIN LATERAL (
+        SELECT s.id, row_number() OVER () AS rn FROM (
+            SELECT id FROM intents
+            WHERE status = 'pending' AND priority = d.priority
+              AND campaign_id = d.campaign_id AND due_at <= now()
+              AND NOT EXISTS (SELECT 1 FROM suppressions s WHERE s.address = intents.recipient)
+            ORDER BY due_at
+            LIMIT (SELECT greatest(ceil($2::int * $3::float8),
+                                   ceil($2::float8 / greatest(count(*), 1)))::int
+                   FROM due_camps)
+            FOR UPDATE SKIP LOCKED
+        ) s
+    ) l
+)
+UPDATE intents
+SET status = 'leased',
+    lease_id = $1,
+    lease_expires_at = now() + make_interval(secs => $5),
+    updated_at = now()
+WHERE id = ANY(ARRAY(SELECT id FROM picked ORDER BY priority, rn LIMIT $2))
+RETURNING id, recipient, kind::text AS kind, template_id, variables, deadline, attempts,
+          idempotency_key, traceparent, campaign_id, smtputf8, forced_provider
+"""
+# The most campaigns one fair lease looks at.
+FAIR_LEASE_CAMPAIGNS = 64
 
 # All results of a batch in one statement. The row lands only if it still carries our lease
 # and is leased, or pending: pending with our lease_id means it was reclaimed after our lease
@@ -78,12 +129,17 @@ SET status = u.status::intent_status,
     due_at = COALESCE(u.due_at, intents.due_at),
     attempts = intents.attempts + u.attempted::int,
     last_error = COALESCE(u.last_error, intents.last_error),
+    held_for = u.held_for,
+    route_reason = COALESCE(u.route_reason, intents.route_reason),
+    route_cost = COALESCE(u.route_cost, intents.route_cost),
     lease_id = NULL,
     lease_expires_at = NULL,
     updated_at = now()
 FROM unnest(
-    $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[]
-) AS u(id, status, provider, provider_message_id, due_at, attempted, last_error)
+    $2::uuid[], $3::text[], $4::text[], $5::text[], $6::timestamptz[], $7::bool[], $8::text[],
+    $9::text[], $10::text[], $11::float8[]
+) AS u(id, status, provider, provider_message_id, due_at, attempted, last_error, held_for,
+       route_reason, route_cost)
 WHERE intents.id = u.id
   AND intents.lease_id = $1
   AND intents.status IN ('leased', 'pending')
@@ -107,6 +163,19 @@ WHERE id = ANY(ARRAY(
     WHERE status = 'leased' AND lease_expires_at < now()
     ORDER BY lease_expires_at
     LIMIT $1
+    FOR UPDATE SKIP LOCKED
+))
+"""
+
+# Intents held for a target that answers again become due now. In chunks, under SKIP LOCKED,
+# so releasing a big backlog never blocks a router leasing or completing those rows.
+RELEASE_HELD_SQL = """
+UPDATE intents
+SET due_at = LEAST(due_at, now()), held_for = NULL, updated_at = now()
+WHERE id = ANY(ARRAY(
+    SELECT id FROM intents
+    WHERE held_for = $1 AND status = 'pending'
+    LIMIT $2
     FOR UPDATE SKIP LOCKED
 ))
 """
@@ -153,6 +222,9 @@ class LeasedIntent:
     #: The recipient needs SMTPUTF8: only a provider that takes it may send this intent.
     smtputf8: bool = False
 
+    # an operator's RetryFailed chose this provider for it
+    forced_provider: str | None = None
+
 
 @dataclass(frozen=True, slots=True)
 class Completion:
@@ -166,6 +238,10 @@ class Completion:
 
     ``attempted`` adds one to ``attempts``; ``last_error`` replaces the stored one when set.
     ``provider`` and ``provider_message_id`` replace the stored ones when set.
+    ``outcome`` is the ``SendOutcome`` that decided it (None: decided without sending).
+    ``held_for`` names what a pending intent waits for (an unreachable target, or
+    reconciliation); it is stored as given, so every other result clears it.
+    ``route_reason`` and ``route_cost`` record the routing decision when set.
     """
 
     intent_id: UUID
@@ -175,6 +251,10 @@ class Completion:
     due_at: datetime | None = None
     attempted: bool = False
     last_error: str | None = None
+    outcome: int | None = None
+    held_for: str | None = None
+    route_reason: str | None = None
+    route_cost: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,14 +284,24 @@ def _leased(rec: asyncpg.Record) -> LeasedIntent:
         traceparent=rec["traceparent"],
         campaign_id=rec["campaign_id"],
         smtputf8=rec["smtputf8"],
+        forced_provider=rec["forced_provider"],
     )
 
 
 @db_boundary
 async def lease(
-    pool: Executor, *, lease_id: UUID, limit: int, lease_seconds: float
+    pool: Executor,
+    *,
+    lease_id: UUID,
+    limit: int,
+    lease_seconds: float,
+    campaign_share: float = 1.0,
 ) -> list[LeasedIntent]:
     """Lease up to ``limit`` due pending intents, lowest priority value then oldest due first.
+
+    With ``campaign_share`` below 1, one campaign takes at most that share of the lease while
+    other campaigns of any priority have due intents (and at least an equal split), so a
+    huge campaign cannot starve a small one; 1 leases strictly by priority and due time.
 
     The rows become ``leased`` under ``lease_id`` until ``now() + lease_seconds``. Use a new
     ``lease_id`` per call. Two concurrent callers never get the same intent; a caller may get
@@ -219,7 +309,17 @@ async def lease(
     """
     if limit <= 0:
         return []
-    records = await pool.fetch(LEASE_SQL, lease_id, limit, float(lease_seconds))
+    if campaign_share >= 1.0:
+        records = await pool.fetch(LEASE_SQL, lease_id, limit, float(lease_seconds))
+    else:
+        records = await pool.fetch(
+            LEASE_FAIR_SQL,
+            lease_id,
+            limit,
+            float(campaign_share),
+            FAIR_LEASE_CAMPAIGNS,
+            float(lease_seconds),
+        )
     return [_leased(rec) for rec in records]
 
 
@@ -251,6 +351,9 @@ async def complete(pool: Executor, *, lease_id: UUID, completions: Sequence[Comp
         [c.due_at for c in completions],
         [c.attempted for c in completions],
         [c.last_error for c in completions],
+        [c.held_for for c in completions],
+        [c.route_reason for c in completions],
+        [c.route_cost for c in completions],
     )
     return rows_affected(status)
 
@@ -266,6 +369,17 @@ async def release(pool: Executor, *, lease_id: UUID, ids: Iterable[UUID]) -> int
     if not id_list:
         return 0
     return rows_affected(await pool.execute(RELEASE_SQL, lease_id, id_list))
+
+
+@db_boundary
+async def release_held(pool: Executor, target: str, *, chunk: int = 5000) -> int:
+    """Make every pending intent held for ``target`` due now; return how many."""
+    total = 0
+    while True:
+        count = rows_affected(await pool.execute(RELEASE_HELD_SQL, target, chunk))
+        total += count
+        if count < chunk:
+            return total
 
 
 @db_boundary

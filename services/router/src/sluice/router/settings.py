@@ -7,6 +7,9 @@ from typing import ClassVar
 
 from sluice.common.errors import ConfigError
 from sluice.common.settings import CommonSettings
+from sluice.router.circuit import CircuitConfig
+
+UNKNOWN_POLICIES = frozenset({"retry", "hold"})
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,21 @@ class RouterSettings(CommonSettings):
     retry_base_seconds: float = 5.0
     retry_max_seconds: float = 600.0
     sender_timeout_seconds: float = 10.0
+    # what an unknown outcome does: "retry" (may send twice to a provider without
+    # idempotency keys) or "hold" (wait unknown_hold_seconds for a delivery event first)
+    unknown_outcome_policy: str = "retry"
+    unknown_hold_seconds: float = 900.0
+    # how often a target believed down is probed, and the longest an intent waits for one
+    outage_probe_seconds: float = 0.5
+    outage_hold_max_seconds: float = 30.0
+    # how long an intent with no usable provider waits before it is looked at again
+    no_provider_wait_seconds: float = 10.0
+    # the most of one lease a single campaign takes while others are due (0 < share <= 1)
+    lease_campaign_share: float = 0.5
+    circuit_success_threshold: float = 0.98
+    circuit_max_latency_seconds: float = 5.0
+    circuit_min_samples: int = 50
+    circuit_cooldown_seconds: float = 30.0
     #: File holding the token (scope ``send``) the router presents to senders.
     sender_token_file: str = ""
     #: CA that signed the senders' certificates: the channel to senders uses TLS.
@@ -39,8 +57,35 @@ class RouterSettings(CommonSettings):
         self.require_port("router_port")
         self.require_at_least(1, "router_batch_size", "router_concurrency", "max_attempts")
         self.require_positive("lease_seconds", "sender_timeout_seconds", "retry_base_seconds")
+        self.require_positive(
+            "unknown_hold_seconds",
+            "outage_probe_seconds",
+            "outage_hold_max_seconds",
+            "no_provider_wait_seconds",
+            "circuit_max_latency_seconds",
+            "circuit_cooldown_seconds",
+        )
+        self.require_at_least(1, "circuit_min_samples")
+        if self.unknown_outcome_policy not in UNKNOWN_POLICIES:
+            raise ConfigError(
+                f"SLUICE_UNKNOWN_OUTCOME_POLICY must be one of {sorted(UNKNOWN_POLICIES)}, "
+                f"not {self.unknown_outcome_policy!r}"
+            )
+        if not 0 < self.lease_campaign_share <= 1:
+            raise ConfigError("SLUICE_LEASE_CAMPAIGN_SHARE must be in (0, 1]")
+        if not 0 <= self.circuit_success_threshold <= 1:
+            raise ConfigError("SLUICE_CIRCUIT_SUCCESS_THRESHOLD must be between 0 and 1")
         if self.sender_timeout_seconds >= self.lease_seconds:
             raise ConfigError(
                 "SLUICE_SENDER_TIMEOUT_SECONDS must be shorter than SLUICE_LEASE_SECONDS, "
                 "or a lease could expire while its batch is still being sent"
             )
+
+    def circuit(self) -> CircuitConfig:
+        """The circuit breakers' bounds these settings describe."""
+        return CircuitConfig(
+            threshold=self.circuit_success_threshold,
+            max_latency=self.circuit_max_latency_seconds,
+            min_samples=self.circuit_min_samples,
+            cooldown=self.circuit_cooldown_seconds,
+        )

@@ -27,6 +27,8 @@ class RoundResult:
     throttle_pause: float | None = None
     batches: int = 0
     unreachable: int = 0
+    waiting: int = 0
+    unknown: int = 0
 
 
 @dataclass
@@ -46,3 +48,7 @@ class DispatchStats:
     released: int = 0
     reclaimed: int = 0
     round_errors: int = 0
+    unknown: Counter[str] = field(default_factory=Counter)
+    waiting: int = 0
+    outage_released: int = 0
+    lease_too_old: int = 0
