@@ -194,3 +194,28 @@ async def test_stats_show_backlog_cost_circuits_and_held_intents(
     assert providers["cheap"].circuit == router_pb2.CIRCUIT_STATE_CLOSED
     assert providers["cheap"].cost_so_far == pytest.approx(0.0004)
     assert providers["cheap"].reachable
+
+
+async def test_a_tripped_deliverability_guard_moves_marketing_off_the_provider(
+    pg_pool: asyncpg.Pool, template: str, dispatcher: Dispatcher
+) -> None:
+    # What ingest writes when cheap's complaint rate crosses its threshold (webhooks/guards).
+    await pg_pool.execute(
+        "INSERT INTO provider_guards (provider, guard, tripped, rate, threshold, events,"
+        " volume, window_seconds, tripped_at)"
+        " VALUES ('cheap', 'complaint_rate', true, 0.01, 0.001, 10, 1000, 86400, now())"
+    )
+    marketing = await seed(pg_pool, ["ok-m@example.com"])
+    await dispatcher.run_round()
+    stored = await rows(pg_pool, marketing)
+    assert stored[marketing[0]]["provider"] == "dear"  # cheap's marketing is blocked
+    pauses = dispatcher.book.pauses
+    assert ("cheap", "marketing") in pauses
+    assert ("cheap", "digest") in pauses
+    assert ("cheap", "transactional") not in pauses  # a guard never blocks transactional
+    # The guard clears: marketing goes back to the cheapest provider.
+    await pg_pool.execute("UPDATE provider_guards SET tripped = false")
+    await dispatcher.book.refresh_pauses(force=True)
+    again = await seed(pg_pool, ["ok-m2@example.com"])
+    await dispatcher.run_round()
+    assert (await rows(pg_pool, again))[again[0]]["provider"] == "cheap"

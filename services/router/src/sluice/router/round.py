@@ -54,7 +54,14 @@ SELECT a, 'hard_bounce', p, i, 'permanent failure at send: ' || n
 FROM unnest($1::text[], $2::text[], $3::uuid[], $4::text[]) AS u(a, p, i, n)
 ON CONFLICT (address) DO NOTHING
 """
-PAUSES_SQL = "SELECT provider, kind FROM provider_pauses"
+# Operators' pauses, and the deliverability guards ingest trips from delivery events (a
+# complaint or bounce rate over its threshold): a tripped guard pauses the kinds it lists
+# (marketing, digest; never transactional) for that provider, on every router.
+PAUSES_SQL = """
+SELECT provider, kind FROM provider_pauses
+UNION
+SELECT provider, unnest(blocked_kinds)::text FROM provider_guards WHERE tripped
+"""
 
 
 def no_usable_provider(kind: str, why: str) -> str:
@@ -97,11 +104,12 @@ class RoundBook:
 
     @property
     def pauses(self) -> frozenset[tuple[str, str]]:
-        """``(provider, kind)`` pairs paused by an operator (kind '' pauses every kind)."""
+        """``(provider, kind)`` pairs paused by an operator or by a tripped deliverability
+        guard (kind '' pauses every kind)."""
         return self._pauses
 
     async def refresh_pauses(self, *, force: bool = False) -> None:
-        """Re-reads the operators' pauses (at most once a second unless ``force``)."""
+        """Re-reads the pauses and guards (at most once a second unless ``force``)."""
         if not force and time.monotonic() - self._pauses_read < PAUSES_REFRESH_SECONDS:
             return
         records = await self._pool.fetch(PAUSES_SQL)
