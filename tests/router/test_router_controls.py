@@ -219,3 +219,35 @@ async def test_a_tripped_deliverability_guard_moves_marketing_off_the_provider(
     again = await seed(pg_pool, ["ok-m2@example.com"])
     await dispatcher.run_round()
     assert (await rows(pg_pool, again))[again[0]]["provider"] == "cheap"
+
+
+async def test_bulk_mail_carries_a_signed_one_click_unsubscribe_link(
+    pg_dsn: str, pg_pool: asyncpg.Pool, template: str, fake: FakeSender
+) -> None:
+    from sluice.common.unsubscribe import read_token
+
+    secret = "s3cret-for-links"
+    async for port in serve_fake(fake):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            dispatcher = Dispatcher(
+                base_settings(
+                    pg_dsn,
+                    unsubscribe_base_url="https://mail.example.com/",
+                    unsubscribe_secret=secret,
+                ),
+                pg_pool,
+                cast(Any, sender_pb2_grpc.SenderServiceStub(channel)),
+                PROVIDERS,
+                disabled(),
+                rng=random.Random(5),
+            )
+            marketing = await seed(pg_pool, ["ok-m@example.com"])
+            await dispatcher.run_round()
+    (message,) = [m for m in fake.sent() if m.intent_id == str(marketing[0])]
+    prefix = "https://mail.example.com/unsubscribe/"
+    assert message.list_unsubscribe_url.startswith(prefix)
+    token = message.list_unsubscribe_url.removeprefix(prefix)
+    # The link names exactly this intent, and only our secret makes it.
+    assert read_token(secret.encode(), token) == marketing[0]
+    with pytest.raises(ValueError, match="signature"):
+        read_token(b"another secret", token)

@@ -19,7 +19,7 @@ import difflib
 import importlib
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, TypeVar
 
 from sluice.common.errors import ConfigError
@@ -130,6 +130,11 @@ class CommonSettings:
     tls_key_file: str = ""
     #: CA whose client certificates are required (mutual TLS); empty: no client certs.
     tls_client_ca_file: str = ""
+    #: One-click unsubscribe links (RFC 8058): ingest serves them, the router puts them in
+    #: marketing and digest mail's List-Unsubscribe header. Both need the same secret.
+    unsubscribe_secret: str = field(default="", repr=False)  # a secret: never printed
+    unsubscribe_base_url: str = ""
+    unsubscribe_ttl_days: float = 90.0
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

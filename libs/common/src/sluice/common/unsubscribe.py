@@ -63,3 +63,26 @@ def unsubscribe_url(
 ) -> str:
     """``<base_url>/unsubscribe/<token>``, for the ``List-Unsubscribe`` header."""
     return f"{base_url.rstrip('/')}/unsubscribe/{make_token(secret, intent_id, ttl=ttl, now=now)}"
+
+
+class UnsubscribeLinks:
+    """Makes each bulk message's one-click unsubscribe URL ("" when not configured)."""
+
+    #: Only bulk mail carries List-Unsubscribe; transactional mail is not a subscription.
+    KINDS = frozenset({"marketing", "digest"})
+
+    def __init__(self, base_url: str, secret: str, *, ttl_days: float) -> None:
+        self._base_url = base_url
+        self._secret = secret.encode()
+        self._ttl = ttl_days * 86_400.0
+
+    @property
+    def enabled(self) -> bool:
+        """True when both the base URL and the secret are set."""
+        return bool(self._base_url and self._secret)
+
+    def for_intent(self, intent_id: uuid.UUID, kind: str) -> str:
+        """The URL for one intent, or "" (not configured, or not bulk mail)."""
+        if not self.enabled or kind not in self.KINDS:
+            return ""
+        return unsubscribe_url(self._base_url, self._secret, intent_id, ttl=self._ttl)

@@ -61,9 +61,6 @@ class IngestSettings(CommonSettings):
     guard_window_seconds: float = 86_400.0
     guard_min_volume: int = 200
     guard_check_seconds: float = 10.0
-    unsubscribe_secret: str = field(default="", repr=False)  # a secret: never printed
-    unsubscribe_base_url: str = ""
-    unsubscribe_ttl_days: float = 90.0
     watch_max_streams: int = 256
 
     def validate(self) -> None:

@@ -34,6 +34,7 @@ from sluice.common.db import Executor
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import Telemetry
 from sluice.common.templates import TemplateCache, TemplateRow
+from sluice.common.unsubscribe import UnsubscribeLinks
 from sluice.router import repository
 from sluice.router.circuit import CircuitBreakers
 from sluice.router.health import ProviderHealthTracker
@@ -131,6 +132,11 @@ class Dispatcher:
         self._client = SenderClient(sender, timeout=settings.sender_timeout_seconds)
         self.book = RoundBook(pool, providers, self.state, self._rng, settings)
         self._tracing = RoundTracing(telemetry)
+        self._links = UnsubscribeLinks(
+            settings.unsubscribe_base_url,
+            settings.unsubscribe_secret,
+            ttl_days=settings.unsubscribe_ttl_days,
+        )
         self._templates = templates if templates is not None else TemplateCache(pool)
         self._policy = RetryPolicy.from_settings(settings)
         self._stopping = asyncio.Event()
@@ -362,6 +368,9 @@ class Dispatcher:
             log.warning("lease %s too old to send %d intents", r.lease_id, len(batch.intents))
             return  # no completion: settled by release, which checks the lease
         spans, request = self._tracing.request(batch, template)
+        if self._links.enabled:
+            for message, intent in zip(request.messages, batch.intents, strict=True):
+                message.list_unsubscribe_url = self._links.for_intent(intent.id, intent.kind)
         r.in_flight[n] = (batch, batch.intents)
         try:
             outcome = await self._client.send(request, f"{r.lease_id.hex[:12]}-{n}")
