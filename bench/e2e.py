@@ -56,6 +56,7 @@ from sluice.router.settings import RouterSettings
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, intent_pb2
 
 SUBMIT_BATCH = 1_000
+SHED_RETRY_SECONDS = 0.2  # ingest's retry hint under load is of this order
 SUBMIT_IN_FLIGHT = 4  # batches in flight at once, like a few busy client processes
 UNARY_COUNT = 5_000
 UNARY_IN_FLIGHT = 64  # concurrent single-intent callers
@@ -294,9 +295,18 @@ async def _submit_all(target: str, items: Sequence[intent_pb2.IntentSubmission])
 
         async def one(request: ingest_pb2.SubmitIntentsRequest) -> None:
             async with gate:
-                answer: ingest_pb2.SubmitIntentsResponse = await stub.SubmitIntents(
-                    request, timeout=120
-                )
+                while True:
+                    try:
+                        answer: ingest_pb2.SubmitIntentsResponse = await stub.SubmitIntents(
+                            request, timeout=120
+                        )
+                    except grpc.aio.AioRpcError as exc:
+                        # Shed at capacity: retry after the hint, as a well-behaved client.
+                        if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                            raise
+                        await asyncio.sleep(SHED_RETRY_SECONDS)
+                        continue
+                    break
             bad = [r.error.message for r in answer.results if not r.intent_id or not r.created]
             if bad:
                 raise RuntimeError(f"{len(bad)} submissions not created, e.g. {bad[0]}")
