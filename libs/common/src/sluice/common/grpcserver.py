@@ -147,85 +147,76 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method
-        metadata = dict(handler_call_details.invocation_metadata or ())
-        metrics = self._metrics
-        deserializer = _guarded(handler.request_deserializer)
-        serializer = handler.response_serializer
-
+        call = _CallFactory(
+            handler_call_details.method,
+            dict(handler_call_details.invocation_metadata or ()),
+            self._metrics,
+        )
+        codecs = (_guarded(handler.request_deserializer), handler.response_serializer)
         if handler.unary_unary is not None:
-            unary_unary = handler.unary_unary
-
-            async def uu(request: Any, context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, metadata, metrics)
-                try:
-                    return await unary_unary(_check(request), context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    call.code = "CANCELLED_OR_ABORTED"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
-                    await call.fail(exc, context)
-                finally:
-                    call.finish()
-
-            return grpc.unary_unary_rpc_method_handler(uu, deserializer, serializer)
-
+            behaviour = _unary_response(handler.unary_unary, call, _check)
+            return grpc.unary_unary_rpc_method_handler(behaviour, *codecs)
         if handler.stream_unary is not None:
-            stream_unary = handler.stream_unary
-
-            async def su(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-                call = _Call(method, metadata, metrics)
-                try:
-                    return await stream_unary(_checked_stream(requests), context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    call.code = "CANCELLED_OR_ABORTED"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
-                    await call.fail(exc, context)
-                finally:
-                    call.finish()
-
-            return grpc.stream_unary_rpc_method_handler(su, deserializer, serializer)
-
+            behaviour = _unary_response(handler.stream_unary, call, _checked_stream)
+            return grpc.stream_unary_rpc_method_handler(behaviour, *codecs)
         if handler.unary_stream is not None:
-            unary_stream = handler.unary_stream
-
-            async def us(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-                call = _Call(method, metadata, metrics)
-                try:
-                    async for response in _responses(unary_stream(_check(request), context)):
-                        yield response
-                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
-                    call.code = "CANCELLED_OR_ABORTED"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
-                    await call.fail(exc, context)
-                finally:
-                    call.finish()
-
-            return grpc.unary_stream_rpc_method_handler(us, deserializer, serializer)
-
+            behaviour = _streamed_responses(handler.unary_stream, call, _check)
+            return grpc.unary_stream_rpc_method_handler(behaviour, *codecs)
         if handler.stream_stream is not None:
-            stream_stream = handler.stream_stream
-
-            async def ss(
-                requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
-            ) -> AsyncIterator[Any]:
-                call = _Call(method, metadata, metrics)
-                try:
-                    behaviour = stream_stream(_checked_stream(requests), context)
-                    async for response in _responses(behaviour):
-                        yield response
-                except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
-                    call.code = "CANCELLED_OR_ABORTED"
-                    raise
-                except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
-                    await call.fail(exc, context)
-                finally:
-                    call.finish()
-
-            return grpc.stream_stream_rpc_method_handler(ss, deserializer, serializer)
+            behaviour = _streamed_responses(handler.stream_stream, call, _checked_stream)
+            return grpc.stream_stream_rpc_method_handler(behaviour, *codecs)
         return handler
+
+
+class _CallFactory:
+    """What every call of one intercepted method shares; makes a :class:`_Call` each time."""
+
+    def __init__(self, method: str, metadata: dict[str, Any], metrics: Metrics | None) -> None:
+        self.method, self.metadata, self.metrics = method, metadata, metrics
+
+    def __call__(self) -> _Call:
+        return _Call(self.method, self.metadata, self.metrics)
+
+
+# The request side of each shape: one message is checked, a stream is checked as it is read.
+_Adapt = Callable[[Any], Any]
+
+
+def _unary_response(inner: Any, new_call: _CallFactory, adapt: _Adapt) -> Any:
+    """Wraps a behaviour that answers one response (unary-unary, stream-unary)."""
+
+    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        call = new_call()
+        try:
+            return await inner(adapt(request), context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            call.code = "CANCELLED_OR_ABORTED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+            await call.fail(exc, context)
+        finally:
+            call.finish()
+
+    return behaviour
+
+
+def _streamed_responses(inner: Any, new_call: _CallFactory, adapt: _Adapt) -> Any:
+    """Wraps a behaviour that streams responses (unary-stream, stream-stream)."""
+
+    async def behaviour(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        call = new_call()
+        try:
+            async for response in _responses(inner(adapt(request), context)):
+                yield response
+        except (asyncio.CancelledError, grpc.aio.AbortError, GeneratorExit):
+            call.code = "CANCELLED_OR_ABORTED"
+            raise
+        except Exception as exc:  # noqa: BLE001 - mapped to a status; bugs are INTERNAL
+            await call.fail(exc, context)
+        finally:
+            call.finish()
+
+    return behaviour
 
 
 async def _responses(behaviour: Any) -> AsyncIterator[Any]:
