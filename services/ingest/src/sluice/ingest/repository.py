@@ -9,6 +9,8 @@ their size: on the 2-core reference machine one statement per row ran at ~7k row
 from __future__ import annotations
 
 import json
+import operator
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,6 +18,7 @@ from typing import Any
 from uuid import UUID
 
 import asyncpg
+from asyncpg.pgproto.pgproto import UUID as FastUUID
 
 from sluice.common.db import Executor, db_boundary
 from sluice.common.errors import InvalidArgument
@@ -32,6 +35,7 @@ __all__ = [
     "get_templates",
     "insert_intents",
     "list_intents",
+    "new_intent_ids",
     "upsert_template",
 ]
 
@@ -60,6 +64,11 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 # statement claimed are inserted. ON CONFLICT waits for a concurrent claim of the same key
 # to commit, as it did on intents' own unique index before. Both tables take the same
 # created_at (the transaction's now()).
+#
+# A recipient on the suppression list is stored ``suppressed`` by the INSERT itself (one
+# index probe per row, no second statement). A suppression committed while this statement
+# runs is not seen here; the router's lease query skips such a row, and adding a suppression
+# marks the address's pending rows (sluice.ingest.suppression_repository).
 INSERT_INTENTS_SQL = """
 WITH u AS (
     SELECT * FROM unnest(
@@ -76,13 +85,16 @@ WITH u AS (
 )
 INSERT INTO intents (
     id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8
+    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8,
+    status
 )
 SELECT u.id, u.idempotency_key, u.payload_hash, u.campaign_id, u.recipient,
        u.kind::intent_kind, u.priority, u.template_id, u.variables::jsonb,
-       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8
+       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8,
+       CASE WHEN EXISTS (SELECT 1 FROM suppressions s WHERE s.address = u.recipient)
+            THEN 'suppressed'::intent_status ELSE 'pending'::intent_status END
 FROM u JOIN claimed ON claimed.intent_id = u.id
-RETURNING id
+RETURNING id, status = 'suppressed' AS suppressed
 """
 
 # The keys the INSERT skipped belong to intents that exist (committed by someone else, or by
@@ -127,6 +139,7 @@ LIST_CAMPAIGN_INTENTS_AFTER_SQL = (
 # A conflicting key whose row vanished before we read it (only a retention purge could do
 # that) sends the key around again; more rounds than this means something is badly wrong.
 _MAX_INSERT_ROUNDS = 3
+_BY_KEY = operator.attrgetter("idempotency_key")
 
 
 # Not frozen: a frozen dataclass's __init__ costs ~8x more (object.__setattr__ per field),
@@ -156,9 +169,10 @@ class NewIntent:
     smtputf8: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen either, for the same reason: one is made per row of every batch.
+@dataclass(slots=True)
 class InsertOutcome:
-    """What happened to one :class:`NewIntent` of a batch.
+    """What happened to one :class:`NewIntent` of a batch (treat it as read-only).
 
     - ``created=True``: stored now; ``intent_id`` is the row's id.
     - ``created=False, conflict=False``: the key was already stored with the same payload
@@ -213,6 +227,25 @@ def _json_text(variables: Mapping[str, str]) -> str:
     return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
 
 
+# Version-4 UUIDs in bulk: the version and variant bits of every 16-byte block at once.
+_V4_AND = bytes.fromhex("ffffffffffff0fff3fffffffffffffff")
+_V4_OR = bytes.fromhex("00000000000040008000000000000000")
+
+
+def new_intent_ids(count: int) -> list[UUID]:
+    """``count`` random (version 4) UUIDs from one ``os.urandom`` call.
+
+    ``uuid.uuid4()`` reads the kernel's random source once per id, and a system call per
+    intent was the largest single cost of validating a batch (~2 µs of ~20). The ids are
+    asyncpg's UUID type (a ``uuid.UUID`` subclass, equal and hashing alike), which it
+    encodes and prints in C.
+    """
+    size = 16 * count
+    masks = int.from_bytes(_V4_AND * count), int.from_bytes(_V4_OR * count)
+    raw = ((int.from_bytes(os.urandom(size)) & masks[0]) | masks[1]).to_bytes(size)
+    return [FastUUID(raw[i : i + 16]) for i in range(0, size, 16)]
+
+
 @db_boundary
 async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
     """Store a batch of intents idempotently; return one outcome per row, in input order.
@@ -223,6 +256,8 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
     later ones get that row's id with ``created=False``, and ``conflict=True`` if their
     payload hash differs. Safe under concurrent callers: ``ON CONFLICT`` waits for a
     concurrent insert of the same key to commit, and both callers then report the same id.
+    A row created for a suppressed recipient is stored ``suppressed`` (see
+    ``INSERT_INTENTS_SQL``; its outcome says so).
     """
     if not rows:
         return []
@@ -232,12 +267,12 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
     for row in rows:
         first.setdefault(row.idempotency_key, row)
 
-    # key -> (stored id, stored payload hash, created by this call)
-    resolved: dict[str, tuple[UUID, bytes, bool]] = {}
+    # key -> (stored id, stored payload hash, created by this call, stored suppressed)
+    resolved: dict[str, tuple[UUID, bytes, bool, bool]] = {}
     # Insert in key order. A conflicting insert waits for the transaction that holds the key;
     # two concurrent batches sharing keys in different orders would each hold a key the other
     # waits for (deadlock, measured with 4 overlapping batches). One global order rules it out.
-    todo = sorted(first.values(), key=lambda r: r.idempotency_key)
+    todo = sorted(first.values(), key=_BY_KEY)
     for _ in range(_MAX_INSERT_ROUNDS):
         inserted = await pool.fetch(
             INSERT_INTENTS_SQL,
@@ -256,18 +291,24 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
             [r.run for r in todo],
             [r.smtputf8 for r in todo],
         )
-        inserted_ids = {rec["id"] for rec in inserted}
+        suppressed_by_id = {rec[0]: rec[1] for rec in inserted}
         skipped: list[NewIntent] = []
         for r in todo:
-            if r.id in inserted_ids:
-                resolved[r.idempotency_key] = (r.id, r.payload_hash, True)
-            else:
+            suppressed = suppressed_by_id.get(r.id)
+            if suppressed is None:
                 skipped.append(r)
+            else:
+                resolved[r.idempotency_key] = (r.id, r.payload_hash, True, suppressed)
         if not skipped:
             break
         existing = await pool.fetch(EXISTING_BY_KEY_SQL, [r.idempotency_key for r in skipped])
         for rec in existing:
-            resolved[rec["idempotency_key"]] = (rec["id"], bytes(rec["payload_hash"]), False)
+            resolved[rec["idempotency_key"]] = (
+                rec["id"],
+                bytes(rec["payload_hash"]),
+                False,
+                False,
+            )
         todo = [r for r in skipped if r.idempotency_key not in resolved]
         if not todo:
             break
@@ -280,12 +321,14 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
     outcomes: list[InsertOutcome] = []
     claimed: set[str] = set()
     for row in rows:
-        stored_id, stored_hash, created_now = resolved[row.idempotency_key]
+        stored_id, stored_hash, created_now, suppressed = resolved[row.idempotency_key]
         # Only the first occurrence of a key can be the one that created the row.
         created = created_now and row.idempotency_key not in claimed
         claimed.add(row.idempotency_key)
         conflict = not created and stored_hash != row.payload_hash
-        outcomes.append(InsertOutcome(intent_id=stored_id, created=created, conflict=conflict))
+        outcomes.append(
+            InsertOutcome(stored_id, created, conflict, suppressed=created and suppressed)
+        )
     return outcomes
 
 

@@ -67,6 +67,14 @@ def local_to_utc(date_time: str, time_zone: str) -> datetime:
     return wall.replace(tzinfo=zone, fold=0).astimezone(UTC)
 
 
+def deadline_window(windows: Mapping[str, timedelta] | timedelta, kind: str | None) -> timedelta:
+    """The default deadline window of ``kind`` (the longest one for an unknown kind)."""
+    if isinstance(windows, timedelta):
+        return windows
+    window = windows.get(kind or "")
+    return window if window is not None else max(windows.values(), default=timedelta(days=1))
+
+
 def resolve(
     sub: intent_pb2.IntentSubmission,
     kind: str | None,
@@ -97,10 +105,7 @@ def resolve(
     elif send_at < now - MAX_SEND_AT_PAST:
         bad(field, "more than a day in the past (an unset or epoch time?)")
 
-    if isinstance(windows, timedelta):
-        window = windows
-    else:
-        window = windows.get(kind or "", max(windows.values(), default=timedelta(days=1)))
+    window = deadline_window(windows, kind)
     if sub.HasField("deadline"):
         deadline = from_timestamp(sub.deadline)
         if deadline <= now:

@@ -17,7 +17,7 @@ from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO,
 from sluice.common.providers import ProviderConfig, takes_smtputf8
 from sluice.common.telemetry import current_traceparent
 from sluice.common.templates import TemplateCache
-from sluice.ingest import cancel, listing, repository, suppression_repository
+from sluice.ingest import cancel, listing, repository
 from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
@@ -160,9 +160,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         self._streams = Admission(
             max_calls=MAX_STREAMS, max_items=1, retry_after=settings.ingest_retry_after_seconds
         )
-        self._coalescer = InsertCoalescer(
-            lambda rows: suppression_repository.insert_intents(pool, rows)
-        )
+        self._coalescer = InsertCoalescer(lambda rows: repository.insert_intents(pool, rows))
         self._events = EventFeed(
             pool, settings.database_url, max_streams=settings.watch_max_streams
         )

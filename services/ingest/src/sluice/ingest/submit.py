@@ -2,9 +2,10 @@
 
 One batch of submissions costs a constant number of statements whatever its size: one
 template lookup (usually none: templates are cached), one INSERT and at most one SELECT
-(see :func:`sluice.ingest.repository.insert_intents`), plus one count per batch when a
-per-campaign pending limit is set. One bad item never fails the others: it gets its own
-rejected result, and the rest are stored.
+(see :func:`sluice.ingest.repository.insert_intents`; it also stores suppressed recipients'
+intents ``suppressed``), plus one count per batch when a per-campaign pending limit is set.
+One bad item never fails the others: it gets its own rejected result, and the rest are
+stored. Each item goes through validation's fast path (:mod:`sluice.ingest.plain`) first.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from sluice.common.errors import (
     Unavailable,
 )
 from sluice.common.templates import TemplateCache
-from sluice.ingest import suppression_repository
-from sluice.ingest.repository import InsertOutcome, NewIntent, TemplateRow
+from sluice.ingest import repository
+from sluice.ingest.plain import plain_row
+from sluice.ingest.repository import InsertOutcome, NewIntent, TemplateRow, new_intent_ids
 from sluice.ingest.validation import (
     _UNSAFE_LINE,
     MAX_TEMPLATE_ID_LENGTH,
@@ -141,25 +143,35 @@ class Submitter:
         traceparent: str | None,
     ) -> tuple[list[NewIntent], list[int]]:
         now = datetime.now(UTC)
+        stop = min(start + VALIDATE_SLICE, len(subs))
+        ids = new_intent_ids(stop - start)
+        policy = self.policy
         rows: list[NewIntent] = []
         positions: list[int] = []
-        for i in range(start, min(start + VALIDATE_SLICE, len(subs))):
+        for i in range(start, stop):
             sub = subs[i]
-            try:
-                rows.append(
-                    validate_submission(
+            intent_id = ids[i - start]
+            # The common shape first; the full check decides the rest and words the errors.
+            row = plain_row(
+                sub, templates, now=now, policy=policy, traceparent=traceparent, intent_id=intent_id
+            )
+            if row is None:
+                try:
+                    row = validate_submission(
                         sub,
                         templates,
                         now=now,
-                        policy=self.policy,
+                        policy=policy,
                         traceparent=traceparent,
                         field_prefix=field(i),
+                        intent_id=intent_id,
                     )
-                )
-                positions.append(i)
-            except InvalidArgument as exc:
-                set_error(results[i], exc)
-                errors[i] = exc
+                except InvalidArgument as exc:
+                    set_error(results[i], exc)
+                    errors[i] = exc
+                    continue
+            rows.append(row)
+            positions.append(i)
         return rows, positions
 
     async def submit(
@@ -197,7 +209,7 @@ class Submitter:
             )
         if not rows:
             return rows_by_pos
-        store = insert or (lambda batch: suppression_repository.insert_intents(self._pool, batch))
+        store = insert or (lambda batch: repository.insert_intents(self._pool, batch))
         outcomes = await db_call(store(rows))
         for i, row, outcome in zip(positions, rows, outcomes, strict=True):
             result = results[i]

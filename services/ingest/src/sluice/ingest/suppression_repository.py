@@ -1,29 +1,27 @@
-"""The suppression list in PostgreSQL, and the submit-path hook that applies it.
+"""The suppression list in PostgreSQL.
 
 Three places keep suppressed recipients from being sent to, so no ordering of concurrent
 writes lets one through:
 
-- :func:`suppress_created` marks new intents of suppressed recipients ``suppressed``
-  right after they are inserted (the submit path calls it once per batch);
+- the submit path's INSERT stores a new intent of a suppressed recipient ``suppressed``
+  (:data:`sluice.ingest.repository.INSERT_INTENTS_SQL`);
 - :func:`add` marks the address's pending intents ``suppressed`` in the same transaction
   that adds it;
 - the router's lease query skips every intent whose recipient is suppressed, which covers
-  the window between an insert and its marking, and a suppression that commits while an
-  insert is in flight.
+  a suppression that commits while an insert is in flight (the INSERT did not see it, and
+  :func:`add` did not see the row).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime
 from uuid import UUID
 
 import asyncpg
 
 from sluice.common.db import Executor, db_boundary, rows_affected
-from sluice.ingest import repository
-from sluice.ingest.repository import InsertOutcome, NewIntent
 
 REASONS = ("hard_bounce", "complaint", "manual", "unsubscribe", "soft_bounce")
 
@@ -48,13 +46,6 @@ _LIST = f"SELECT {_COLUMNS} FROM suppressions WHERE ($2::text IS NULL OR reason 
 _ORDER = " ORDER BY created_at DESC, address DESC LIMIT $1"
 LIST_SQL = _LIST + _ORDER
 LIST_AFTER_SQL = _LIST + "AND (created_at, address) < ($3::timestamptz, $4::text)" + _ORDER
-
-SUPPRESSED_AMONG_SQL = "SELECT address FROM suppressions WHERE address = ANY($1::text[])"
-SUPPRESS_IDS_SQL = """
-UPDATE intents SET status = 'suppressed', updated_at = now()
-WHERE id = ANY($1::uuid[]) AND status = 'pending'
-RETURNING id
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,36 +115,3 @@ async def list_suppressions(
     else:
         recs = await pool.fetch(LIST_AFTER_SQL, limit, reason, *after)
     return [_row(r) for r in recs]
-
-
-@db_boundary
-async def suppress_created(
-    pool: Executor, rows: Sequence[NewIntent], outcomes: Sequence[InsertOutcome]
-) -> list[InsertOutcome]:
-    """The submit-path hook: intents this batch created for suppressed recipients become
-    ``suppressed``; returns the outcomes with ``suppressed`` set on those.
-
-    One indexed look-up of the batch's recipients; a second statement only when some are
-    suppressed, so the common case costs one cheap round trip.
-    """
-    created = {o.intent_id: r.recipient for r, o in zip(rows, outcomes, strict=True) if o.created}
-    if not created:
-        return list(outcomes)
-    hits = {
-        rec["address"]
-        for rec in await pool.fetch(SUPPRESSED_AMONG_SQL, sorted(set(created.values())))
-    }
-    if not hits:
-        return list(outcomes)
-    ids = [i for i, recipient in created.items() if recipient in hits]
-    marked = {rec["id"] for rec in await pool.fetch(SUPPRESS_IDS_SQL, ids)}
-    return [
-        replace(o, suppressed=True) if o.created and o.intent_id in marked else o for o in outcomes
-    ]
-
-
-@db_boundary
-async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[InsertOutcome]:
-    """:func:`sluice.ingest.repository.insert_intents`, then :func:`suppress_created`: the
-    one call the submit path makes to store a batch."""
-    return await suppress_created(pool, rows, await repository.insert_intents(pool, rows))

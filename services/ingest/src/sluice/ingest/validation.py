@@ -217,8 +217,10 @@ def validate_submission(
     policy: Policy,
     traceparent: str | None,
     field_prefix: str = "intent",
+    intent_id: uuid.UUID | None = None,
 ) -> NewIntent:
-    """Checks one submission and returns the row to insert, or raises InvalidArgument."""
+    """Checks one submission and returns the row to insert (with ``intent_id``, or a new
+    id), or raises InvalidArgument."""
     v = _Violations(field_prefix)
 
     key = sub.idempotency_key
@@ -300,7 +302,7 @@ def validate_submission(
         raise v.error()
     assert kind is not None
     return NewIntent(
-        id=uuid.uuid4(),
+        id=intent_id if intent_id is not None else uuid.uuid4(),
         idempotency_key=key or derived_key(sub.campaign_id, sub.run, recipient, sub.template_id),
         payload_hash=payload_hash(sub, recipient, variables),
         campaign_id=sub.campaign_id,
