@@ -30,9 +30,12 @@ _LOCAL_MAX = 64  # RFC 5321 4.5.3.1.1
 _ADDRESS_MAX = 254  # RFC 5321 forward-path less the angle brackets
 
 
-@dataclass(frozen=True, slots=True)
+# Not frozen: one is made per submission, and a frozen dataclass's __init__ costs several
+# times more (object.__setattr__ per field).
+@dataclass(slots=True)
 class Recipient:
-    """A checked address: its normal form, and whether sending it needs SMTPUTF8."""
+    """A checked address: its normal form, and whether sending it needs SMTPUTF8 (treat it
+    as read-only)."""
 
     address: str
     smtputf8: bool

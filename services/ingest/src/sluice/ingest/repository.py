@@ -8,12 +8,12 @@ their size: on the 2-core reference machine one statement per row ran at ~7k row
 
 from __future__ import annotations
 
-import json
 import operator
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from json.encoder import encode_basestring as _quote
 from typing import Any
 from uuid import UUID
 
@@ -224,7 +224,10 @@ class IntentRow:
 
 
 def _json_text(variables: Mapping[str, str]) -> str:
-    return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
+    """``json.dumps(variables, separators=(",", ":"), ensure_ascii=False)``, built from the
+    same C string encoder json uses, at a sixth of the cost (dumps sets up an encoder per
+    call: ~3 µs a row). Equal output for every str -> str mapping (tests/db)."""
+    return "{" + ",".join([f"{_quote(k)}:{_quote(v)}" for k, v in variables.items()]) + "}"
 
 
 # Version-4 UUIDs in bulk: the version and variant bits of every 16-byte block at once.
@@ -292,6 +295,8 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
             [r.smtputf8 for r in todo],
         )
         suppressed_by_id = {rec[0]: rec[1] for rec in inserted}
+        if len(suppressed_by_id) == len(rows):  # the usual batch: all new, no key twice
+            return [InsertOutcome(r.id, True, False, suppressed_by_id[r.id]) for r in rows]
         skipped: list[NewIntent] = []
         for r in todo:
             suppressed = suppressed_by_id.get(r.id)
