@@ -17,7 +17,7 @@ from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
 from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
-from sluice.sender.providers import EmailProvider, build_adapters
+from sluice.sender.providers import EmailProvider, account_limits, build_adapters
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.render_pool import RenderPool, render_budget
 from sluice.sender.service import SenderServicer
@@ -41,13 +41,13 @@ async def open_resources(
     settings: SenderSettings, stack: contextlib.AsyncExitStack
 ) -> SenderResources:
     """Opens Redis, every provider's adapter and the render workers on ``stack`` (closed in
-    reverse)."""
-    providers = {p.name: p for p in load_providers(settings.providers_file)}
+    reverse). Limits an adapter reads from its provider's account lower the configured
+    ones (``account_limits``)."""
+    configured = load_providers(settings.providers_file)
     redis = await create_redis(settings.require_redis())
     stack.push_async_callback(redis.aclose)
-    adapters = await build_adapters(
-        providers.values(), stack, redis=redis, prefix=settings.redis_prefix
-    )
+    adapters = await build_adapters(configured, stack, redis=redis, prefix=settings.redis_prefix)
+    providers = await account_limits(configured, adapters)
     render_pool = RenderPool(settings.render_workers, render_budget(settings))
     stack.push_async_callback(render_pool.aclose)
     await render_pool.start()
