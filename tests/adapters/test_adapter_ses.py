@@ -149,7 +149,8 @@ async def test_error_answers_map_to_outcomes(errors: FakeSesErrors) -> None:
     assert results[0].retry_after == 1.0
     assert results[1].reason.startswith("quota exhausted; paused_until=")
     assert results[1].retry_after == pytest.approx(3600, abs=1)
-    assert results[1].quota and not results[0].quota
+    assert results[1].quota
+    assert not results[0].quota
 
 
 async def test_timeout_is_unknown_and_no_endpoint_is_unavailable(errors: FakeSesErrors) -> None:

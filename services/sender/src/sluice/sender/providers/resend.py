@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import re
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
@@ -200,6 +201,8 @@ def announced(headers: httpx.Headers) -> Announced | None:
         return None
     window = _policy_window(headers.get("ratelimit-policy"))
     rate = limit / window if limit is not None and limit > 0 else 0.0
+    if not math.isfinite(rate):
+        rate = 0.0
     exhausted = remaining is not None and remaining <= 0 and reset is not None and reset > 0
     return Announced(rate, _http.wait(reset) if exhausted else 0.0)
 
