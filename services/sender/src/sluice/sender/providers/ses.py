@@ -240,7 +240,7 @@ def seeded_limits(config: ProviderConfig, quota: SendQuota) -> ProviderConfig:
         rate = quota.max_send_rate
     daily = config.daily_quota
     if quota.max_24_hour_send > 0 and (daily <= 0 or quota.max_24_hour_send < daily):
-        daily = int(quota.max_24_hour_send)
+        daily = max(1, int(quota.max_24_hour_send))  # 0 would mean "no quota"
     lowered = rate != config.sustained_rate or daily != config.daily_quota
     log.log(
         logging.WARNING if lowered else logging.INFO,
