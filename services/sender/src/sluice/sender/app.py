@@ -4,6 +4,7 @@ of its Service."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -25,6 +26,7 @@ from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 
 SERVICE_NAME = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
+log = logging.getLogger("sluice.sender")
 
 
 @dataclass(frozen=True)
@@ -82,6 +84,11 @@ def build(
         render_pool=resources.render_pool,
         checks=MessageChecks(settings.from_domains()),
     )
+    if not settings.from_domains():
+        log.warning(
+            "any from-address domain is sent (SLUICE_SENDER_FROM_DOMAINS is not set): a "
+            "caller of SendBatch can send as any domain the provider accounts are verified for"
+        )
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, grpc_listener.server)
     return service
 
