@@ -300,19 +300,7 @@ class RateLimiter:
         Raises ``Unavailable`` when Redis cannot be reached.
         """
         name = provider.name
-        last = self._published.get(name)
-        if (
-            not throttled
-            and retry_after <= 0
-            and (
-                published_rps <= 0
-                or (
-                    last is not None
-                    and last[0] == published_rps
-                    and time.monotonic() - last[1] < PUBLISHED_REFRESH_SECONDS
-                )
-            )
-        ):
+        if not throttled and retry_after <= 0 and not self._is_news(name, published_rps):
             return None
         self._adaptive.add(name)
         reply = await self._run(
@@ -331,6 +319,17 @@ class RateLimiter:
         if published_rps > 0:
             self._published[name] = (published_rps, time.monotonic())
         return reply[0] / _MICROS
+
+    def _is_news(self, name: str, published_rps: float) -> bool:
+        """True for a published rate this process has not written within the refresh."""
+        if published_rps <= 0:
+            return False
+        last = self._published.get(name)
+        return (
+            last is None
+            or last[0] != published_rps
+            or time.monotonic() - last[1] >= PUBLISHED_REFRESH_SECONDS
+        )
 
     async def _run(
         self,
