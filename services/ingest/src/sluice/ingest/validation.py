@@ -25,10 +25,10 @@ import jinja2
 import jinja2.meta
 from google.protobuf import timestamp_pb2
 
+from sluice.common.addresses import RecipientError, check_recipient
 from sluice.common.errors import InvalidArgument
 from sluice.common.model import PRIORITY, PROTO_TO_KIND
 from sluice.ingest import schedule
-from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.v1 import intent_pb2
 
