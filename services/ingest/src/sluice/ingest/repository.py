@@ -12,13 +12,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from sluice.common.db import Executor, db_boundary
-from sluice.common.errors import InvalidArgument
 from sluice.common.templates import TemplateRow, get_templates, upsert_template
 
 __all__ = [
