@@ -6,7 +6,7 @@ again before the wire, so whatever is stored here the sender will send. On top o
 ingest bounds what one intent may carry (stored on the row, read by every lease):
 
 - ``reply_to``: one bare address through the recipients' strict path, stored in ASCII form
-  (see :func:`sluice.ingest.recipients.check_reply_to`).
+  (see :func:`sluice.common.addresses.check_reply_to`).
 - ``headers``: at most :data:`MAX_HEADERS`, names unique case-insensitively, values 1 to
   ``MAX_HEADER_VALUE`` characters, :data:`MAX_HEADERS_TOTAL` characters in all.
 - ``tags``: at most :data:`MAX_TAGS` (the sender adds the intent id tag); names and values
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from sluice.common.addresses import RecipientError, check_reply_to
 from sluice.common.headers import (
     ALLOWED_HEADERS,
     MAX_HEADER_VALUE,
@@ -30,7 +31,6 @@ from sluice.common.headers import (
     is_field_name,
     is_tag_text,
 )
-from sluice.ingest.recipients import RecipientError, check_reply_to
 from sluice.ingest.violations import (
     R_CONTROL,
     R_ENCODED_WORD,

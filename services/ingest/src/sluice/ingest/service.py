@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
+from sluice.common.addresses import RecipientError, check_recipient
 from sluice.common.errors import InvalidArgument, NotFound, SluiceError
 from sluice.common.metrics import disabled_metrics
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
@@ -22,7 +23,6 @@ from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.paging import decode_page_token, encode_page_token, filter_fingerprint
-from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call

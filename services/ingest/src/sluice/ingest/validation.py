@@ -20,10 +20,10 @@ import jinja2
 import jinja2.meta
 from google.protobuf import timestamp_pb2
 
+from sluice.common.addresses import RecipientError, check_recipient
 from sluice.common.model import PRIORITY, PROTO_TO_KIND
 from sluice.ingest import schedule
 from sluice.ingest.extras import NO_EXTRAS, Extras, check_extras
-from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.ingest.violations import (
     R_CONTROL,
