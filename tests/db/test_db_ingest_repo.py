@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice.common.errors import InvalidArgument
+from sluice.ingest import listing
 from sluice.ingest import repository as repo
 from sluice.ingest.repository import InsertOutcome, TemplateRow
 from tests.conftest import InsertTemplate
@@ -267,7 +268,7 @@ async def list_all(pool: asyncpg.Pool, page: int, **filters: Any) -> list[repo.I
     out: list[repo.IntentRow] = []
     after = None
     while True:
-        rows = await repo.list_intents(pool, limit=page, after=after, **filters)
+        rows = await listing.list_intents(pool, limit=page, after=after, **filters)
         assert len(rows) <= page
         out.extend(rows)
         if len(rows) < page:
@@ -288,6 +289,13 @@ async def test_list_intents_pages_newest_first_without_gaps_or_repeats(
     await pg_pool.execute(
         "UPDATE intents SET status = 'sent' WHERE right(idempotency_key, 1) IN ('0', '5')"
     )
+    # Leased rows are outside the list indexes (0010): listings read them from the
+    # leased-expiry index and merge them in.
+    await pg_pool.execute(
+        "UPDATE intents SET status = 'leased', lease_id = gen_random_uuid(),"
+        " lease_expires_at = now() + interval '1 minute'"
+        " WHERE right(idempotency_key, 1) IN ('3', '7')"
+    )
     everything = await pg_pool.fetch(
         "SELECT id, campaign_id, status::text AS status FROM intents"
         " ORDER BY created_at DESC, id DESC"
@@ -304,18 +312,28 @@ async def test_list_intents_pages_newest_first_without_gaps_or_repeats(
     assert [r.id for r in sent] == [r["id"] for r in everything if r["status"] == "sent"]
     assert len(sent) == 12
 
+    leased = await list_all(pg_pool, 2, campaign_id=None, status="leased")
+    assert [r.id for r in leased] == [r["id"] for r in everything if r["status"] == "leased"]
+    assert len(leased) == 12  # keys 3, 7 and 13 of each of 4 batches
+
+    odd_leased = await list_all(pg_pool, 3, campaign_id="odd", status="leased")
+    assert [r.id for r in odd_leased] == [
+        r["id"] for r in everything if r["campaign_id"] == "odd" and r["status"] == "leased"
+    ]
+
     odd_pending = await list_all(pg_pool, 5, campaign_id="odd", status="pending")
     assert [r.id for r in odd_pending] == [
         r["id"] for r in everything if r["campaign_id"] == "odd" and r["status"] == "pending"
     ]
     assert (
-        await repo.list_intents(pg_pool, campaign_id="none", status=None, limit=5, after=None) == []
+        await listing.list_intents(pg_pool, campaign_id="none", status=None, limit=5, after=None)
+        == []
     )
 
 
 async def test_list_intents_rejects_bad_arguments(pg_pool: asyncpg.Pool) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        await repo.list_intents(pg_pool, campaign_id=None, status="lost", limit=0, after=None)
+        await listing.list_intents(pg_pool, campaign_id=None, status="lost", limit=0, after=None)
     assert {field for field, _ in caught.value.field_violations} == {"status", "limit"}
 
 

@@ -12,13 +12,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from sluice.common.db import Executor, db_boundary
-from sluice.common.errors import InvalidArgument
 from sluice.common.templates import TemplateRow, get_templates, upsert_template
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "get_intent",
     "get_templates",
     "insert_intents",
-    "list_intents",
     "upsert_template",
 ]
 
@@ -104,29 +101,6 @@ _INTENT_COLUMNS = """
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
-
-# ListIntents: newest first, keyset pagination on (created_at, id). One constant per filter
-# shape rather than "($3 IS NULL OR campaign_id = $3)": asyncpg prepares statements, and a
-# generic plan for the OR-NULL form cannot use the campaign index. The row comparison is an
-# index condition on either (..., created_at DESC, id DESC) index (checked with EXPLAIN on
-# generic plans). The status filter is applied on top of the index order.
-_LIST_HEAD = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE "
-_STATUS = "($2::text IS NULL OR status = $2::text::intent_status)"
-_ORDER = " ORDER BY created_at DESC, id DESC LIMIT $1"
-# $1 limit, $2 status, then the campaign and/or the cursor.
-LIST_INTENTS_SQL = _LIST_HEAD + _STATUS + _ORDER
-LIST_INTENTS_AFTER_SQL = (
-    _LIST_HEAD + _STATUS + " AND (created_at, id) < ($3::timestamptz, $4::uuid)" + _ORDER
-)
-LIST_CAMPAIGN_INTENTS_SQL = _LIST_HEAD + "campaign_id = $3 AND " + _STATUS + _ORDER
-LIST_CAMPAIGN_INTENTS_AFTER_SQL = (
-    _LIST_HEAD
-    + "campaign_id = $3 AND "
-    + _STATUS
-    + " AND (created_at, id) < ($4::timestamptz, $5::uuid)"
-    + _ORDER
-)
-
 
 # A conflicting key whose row vanished before we read it (only a retention purge could do
 # that) sends the key around again; more rounds than this means something is badly wrong.
@@ -342,39 +316,3 @@ async def get_intent(pool: Executor, intent_id: UUID) -> IntentRow | None:
     """Return the intent with this id, or None."""
     rec = await pool.fetchrow(GET_INTENT_SQL, intent_id)
     return None if rec is None else _intent_row(rec)
-
-
-@db_boundary
-async def list_intents(
-    pool: Executor,
-    *,
-    campaign_id: str | None,
-    status: str | None,
-    limit: int,
-    after: tuple[datetime, UUID] | None,
-) -> list[IntentRow]:
-    """Return up to ``limit`` intents, newest first (``created_at DESC, id DESC``).
-
-    ``after`` is the ``(created_at, id)`` of the last row of the previous page; pages are
-    stable under concurrent inserts (new rows sort before the cursor, never into a later
-    page). ``status`` filters on top of the index order, so a rare status over a huge
-    unfiltered range reads many rows; give a campaign where you can. Raises InvalidArgument
-    for an unknown status or a limit outside 1..MAX_LIST_LIMIT.
-    """
-    violations: list[tuple[str, str]] = []
-    if status is not None and status not in INTENT_STATUSES:
-        violations.append(("status", f"unknown status {status!r}"))
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        violations.append(("limit", f"must be between 1 and {MAX_LIST_LIMIT}"))
-    if violations:
-        raise InvalidArgument("invalid intent listing", violations)
-
-    args: list[Any] = [limit, status]
-    if campaign_id is None:
-        sql = LIST_INTENTS_SQL if after is None else LIST_INTENTS_AFTER_SQL
-    else:
-        sql = LIST_CAMPAIGN_INTENTS_SQL if after is None else LIST_CAMPAIGN_INTENTS_AFTER_SQL
-        args.append(campaign_id)
-    if after is not None:
-        args.extend(after)
-    return [_intent_row(rec) for rec in await pool.fetch(sql, *args)]
