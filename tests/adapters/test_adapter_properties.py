@@ -1,4 +1,5 @@
-"""Properties over many inputs: SendGrid packing, Resend keys, strict config parsing."""
+"""Properties over many inputs: SendGrid packing, Resend keys, strict config parsing, the
+limits SES's account figures seed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sluice.common.errors import ConfigError
-from sluice.common.providers import parse_providers
+from sluice.common.providers import ProviderConfig, SesSettings, parse_providers
 from sluice.sender.providers.resend import idempotency_key
 from sluice.sender.providers.sendgrid import PERSONALIZATION_LIMIT, pack
+from sluice.sender.providers.ses import SendQuota, seeded_limits
 from tests.adapters.messages import email
 
 recipients = st.sampled_from([f"r{i}@example.com" for i in range(30)] + ["R1@EXAMPLE.com"])
@@ -95,3 +97,49 @@ def test_any_providers_table_parses_or_is_a_config_error(raw: dict[str, Any]) ->
     for key in ("enabled", "verified", "smtputf8"):
         if key in raw:
             assert getattr(config, key) is raw[key]
+
+
+_rates = st.one_of(st.just(0.0), st.floats(0.1, 500, allow_nan=False))
+_account = st.one_of(st.just(0.0), st.just(-1.0), st.floats(0.1, 1e6, allow_nan=False))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rate=_rates,
+    burst=st.integers(0, 600),
+    daily=st.integers(0, 10**6),
+    max_send_rate=_account,
+    max_24=_account,
+)
+def test_seeded_ses_limits_are_never_above_the_configuration_nor_the_account(
+    rate: float, burst: int, daily: int, max_send_rate: float, max_24: float
+) -> None:
+    if burst and rate > burst:
+        rate = float(burst)  # what parsing would refuse
+    configured = ProviderConfig(
+        name="ses",
+        kind="ses",
+        cost_per_thousand=0.1,
+        sustained_rate=rate,
+        burst=burst,
+        intents=frozenset({"marketing"}),
+        daily_quota=daily,
+        settings=SesSettings(region="eu-west-1", read_quota=True),
+    )
+    quota = SendQuota(max_24, max_send_rate, 0.0, sending_enabled=True)
+    seeded = seeded_limits(configured, quota)
+    # Only the two figures change, never up where configured, never above the account.
+    assert dataclasses.replace(seeded, sustained_rate=rate, daily_quota=daily) == configured
+    bounds = [x for x in (rate, float(burst)) if x > 0]
+    for bound in bounds:
+        assert seeded.sustained_rate <= bound
+    if max_send_rate > 0 and (not bounds or max_send_rate < min(bounds)):
+        assert seeded.sustained_rate == max_send_rate  # the account is the tighter limit
+    else:
+        assert seeded.sustained_rate == rate
+    if daily > 0:
+        assert seeded.daily_quota <= daily
+    if max_24 > 0 and (daily == 0 or max_24 < daily):
+        assert seeded.daily_quota == max(1, int(max_24))  # never 0: that would mean "none"
+    else:
+        assert seeded.daily_quota == daily

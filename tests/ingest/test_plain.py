@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from sluice.common.errors import InvalidArgument
 from sluice.ingest.plain import plain_row
 from sluice.ingest.repository import NewIntent, TemplateRow
-from sluice.ingest.validation import _UNSAFE_LINE, Policy, validate_submission
+from sluice.ingest.validation import Policy, validate_submission
+from sluice.ingest.violations import UNSAFE_LINE
 from sluice.v1 import intent_pb2
 
 T = TypeVar("T")
@@ -197,6 +198,8 @@ def _odd_values() -> list[tuple[str, object]]:
     odd += [("value", v) for v in ["a\r\nb", "x\x00y", "tab\there", "z" * 16_385, "\u202e"]]
     odd += [("extra", n) for n in ["name", "footer", "", "9x", "n" * 65, "v1", "é"]]
     odd += [("drop", None), ("long", 33_000), ("long", 16_384), ("long", 16_000)]
+    odd += [("reply_to", "help@example.com"), ("reply_to", "nope"), ("header", "X-Campaign")]
+    odd += [("header", "Bcc"), ("tag", "batch"), ("tag", "sluice_x")]
     return odd
 
 
@@ -208,6 +211,10 @@ def _apply(sub: intent_pb2.IntentSubmission, field: str, value: object) -> None:
         sub.variables[str(value)] = "Ana"
     elif field == "drop" and names:
         del sub.variables[names[0]]
+    elif field == "header":
+        sub.headers[str(value)] = "1"
+    elif field == "tag":
+        sub.tags[str(value)] = "v1"
     elif field == "long":
         for name in names:
             sub.variables[name] = "v" * int(str(value))
@@ -239,6 +246,6 @@ def test_one_odd_field_at_a_time_the_fast_path_agrees_or_declines() -> None:
 
 def test_every_character_the_control_pattern_matches_is_unprintable() -> None:
     # What lets the fast path decide identifiers with str.isprintable alone.
-    matched = [c for c in map(chr, range(sys.maxunicode + 1)) if _UNSAFE_LINE.match(c)]
+    matched = [c for c in map(chr, range(sys.maxunicode + 1)) if UNSAFE_LINE.match(c)]
     assert len(matched) > 60
     assert not any(c.isprintable() for c in matched)

@@ -156,6 +156,35 @@ async def test_retry_after_pauses_every_replica_and_headers_cap_the_rate(
     assert (g.granted, g.requests) == (10, 2)  # bucket capacity = the published rate
 
 
+async def test_a_published_rate_caps_the_request_burst_too(limiter: RateLimiter) -> None:
+    # Configured for 10 requests at once; the provider announced 2 a second (its limit per
+    # one-second window): more than 2 at once would be refused, whatever the rate.
+    p = provider(batch=1, requests_per_second=10, request_burst=10)
+    await limiter.report_throttled(p, published_rps=2, throttled=False, now_us=T0)
+    g = await limiter.acquire(p, 100, now_us=T0)
+    assert (g.granted, g.requests) == (2, 2)
+    assert (await limiter.acquire(p, 100, now_us=T0 + 500_000)).granted == 0
+    # A fractional rate (30 a minute) still lets one request through at a time.
+    q = provider(batch=1)
+    await limiter.report_throttled(q, published_rps=0.5, throttled=False, now_us=T0)
+    assert (await limiter.acquire(q, 100, now_us=T0)).granted == 1
+    assert (await limiter.acquire(q, 100, now_us=T0 + S)).granted == 0
+    assert (await limiter.acquire(q, 100, now_us=T0 + 2 * S + 1)).granted == 1
+
+
+async def test_an_unchanged_announcement_is_not_written_again(limiter: RateLimiter) -> None:
+    p = provider(batch=1, requests_per_second=10)
+    assert await limiter.report_throttled(p, published_rps=2, throttled=False) == 1.0
+    # Headers on every answer: the same rate again within the refresh costs no Redis call.
+    assert await limiter.report_throttled(p, published_rps=2, throttled=False) is None
+    assert await limiter.report_throttled(p, throttled=False) is None  # nothing to tell
+    # A new rate, a pause or a throttle is always told.
+    assert await limiter.report_throttled(p, published_rps=3, throttled=False) == 1.0
+    assert await limiter.report_throttled(p, published_rps=3, retry_after=1, throttled=False)
+    assert (await limiter.capacity(p)).published_rps == pytest.approx(3)
+    assert await limiter.report_throttled(p, published_rps=3) == pytest.approx(0.5)
+
+
 async def test_an_unlimited_provider_honours_a_reported_pause(
     limiter: RateLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:

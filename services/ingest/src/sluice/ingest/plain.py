@@ -4,16 +4,16 @@
 field, collects every violation and words the errors. Most submissions of a batch break no
 rule, and for those that work is overhead: about half of a batch's CPU went to validating
 items that were fine. :func:`plain_row` takes only the common shape (no send-at, local
-send-at or deadline; a template that exists, with exactly its declared variables; printable
-identifiers within their lengths; a recipient that checks) and builds the same row the
-full check would, with the checks as plain boolean tests. Anything else, and every
-submission that breaks a rule, gets None and goes through the full check, which then says
-what is wrong; so the fast path can only decline, never decide differently.
-``tests/ingest/test_plain.py`` proves with hypothesis that whenever it returns a row, the
-full check returns the same row, and that it declines everything the full check refuses.
+send-at or deadline; no reply-to, headers or tags; a template that exists, with exactly
+its declared variables; printable identifiers within their lengths; a recipient that
+checks) and builds the same row the full check would, with the checks as plain boolean
+tests. Anything else, and every submission that breaks a rule, gets None and goes through
+the full check, which then says what is wrong; so the fast path can only decline, never
+decide differently. ``tests/ingest/test_plain.py`` proves with hypothesis and a sweep of
+one odd field at a time that whenever it returns a row, the full check returns the same.
 
 One fact it leans on: every character the full check's control-character pattern
-(``_UNSAFE_LINE``) matches is also not printable, so ``str.isprintable`` alone decides the
+(``UNSAFE_LINE``) matches is also not printable, so ``str.isprintable`` alone decides the
 identifier fields (checked over all of Unicode by the same test module).
 """
 
@@ -23,12 +23,12 @@ from collections.abc import Mapping
 from datetime import datetime
 from uuid import UUID
 
+from sluice.common.addresses import RecipientError, check_recipient
 from sluice.common.model import PRIORITY, PROTO_TO_KIND
-from sluice.ingest.recipients import RecipientError, check_recipient
+from sluice.ingest.extras import NO_EXTRAS
 from sluice.ingest.repository import NewIntent, TemplateRow
 from sluice.ingest.schedule import deadline_window
 from sluice.ingest.validation import (
-    _UNSAFE_LINE,
     DERIVED_KEY_PREFIX,
     MAX_CAMPAIGN_LENGTH,
     MAX_KEY_LENGTH,
@@ -44,6 +44,7 @@ from sluice.ingest.validation import (
     header_variables,
     payload_hash,
 )
+from sluice.ingest.violations import UNSAFE_LINE
 from sluice.v1 import intent_pb2
 
 
@@ -59,6 +60,8 @@ def plain_row(
     """The row :func:`~sluice.ingest.validation.validate_submission` would return for
     ``sub``, or None when ``sub`` is not of the common shape (or breaks a rule)."""
     if sub.HasField("send_at") or sub.HasField("send_at_local") or sub.HasField("deadline"):
+        return None
+    if sub.reply_to or sub.headers or sub.tags:  # extras: sluice.ingest.extras checks them
         return None
     key, campaign, run = sub.idempotency_key, sub.campaign_id, sub.run
     template_id, address = sub.template_id, sub.recipient
@@ -91,7 +94,7 @@ def plain_row(
     return NewIntent(
         id=intent_id,
         idempotency_key=key or derived_key(campaign, run, recipient, template_id),
-        payload_hash=payload_hash(sub, recipient, variables),
+        payload_hash=payload_hash(sub, recipient, variables, NO_EXTRAS),
         campaign_id=campaign,
         recipient=recipient,
         kind=kind,
@@ -119,7 +122,7 @@ def _variables_fit(variables: dict[str, str], template: TemplateRow) -> bool:
             or not name.isidentifier()
             or len(value) > MAX_VARIABLE_VALUE
             or "\x00" in value
-            or ((in_header is None or name in in_header) and _UNSAFE_LINE.search(value))
+            or ((in_header is None or name in in_header) and UNSAFE_LINE.search(value))
         ):
             return False
     return total <= MAX_VARIABLES_TOTAL

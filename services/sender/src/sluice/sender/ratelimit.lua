@@ -7,7 +7,8 @@
 -- plus a rolling 24-hour quota of messages (KEY 8, hour buckets) and an adaptive state
 -- (KEY 7) shared by every sender: a factor that scales both dimensions' rates and bursts,
 -- cut in half when the provider throttles anyway and recovering linearly (AIMD); a pause
--- until the provider's retry-after; a request rate the provider published in headers.
+-- until the provider's retry-after (or its quota's or window's reset); a request rate the
+-- provider published in headers.
 -- A limit of 0 is off. Time comes from Redis TIME so every sender shares one clock.
 --
 -- KEYS[1] HASH msg bucket {u = µtokens, ts}  KEYS[2] ZSET msg window  KEYS[3] HASH msg sum
@@ -90,12 +91,19 @@ if mode == 'report' then
 end
 
 -- Effective limits: a published request rate caps (or, when none is configured, sets)
--- the request rate; then everything is scaled by the factor.
+-- the request rate, and its whole requests per second cap the request burst (the
+-- provider counts its limit per window: more at once would be refused); then
+-- everything is scaled by the factor.
 local function scaled_burst(b)
   if b <= 0 then return 0 end
   return math.max(1, math.floor(b * factor))
 end
-if pub > 0 and (req_rate <= 0 or pub / UNIT < req_rate) then req_rate = pub / UNIT end
+if pub > 0 then
+  local pub_rate = pub / UNIT
+  local pub_burst = math.max(1, math.floor(pub_rate))
+  if req_rate <= 0 or pub_rate < req_rate then req_rate = pub_rate end
+  if req_burst <= 0 or pub_burst < req_burst then req_burst = pub_burst end
+end
 msg_rate = msg_rate * factor
 msg_burst = scaled_burst(msg_burst)
 req_rate = req_rate * factor

@@ -21,8 +21,11 @@ with someone else), the servicer calls ``report_throttled``. The provider's effe
 and bursts are scaled by a factor kept in Redis, so every replica slows down together: it
 halves at most once per ``cut_cooldown`` and recovers linearly by ``recovery_per_second``
 (AIMD), so the cluster settles just below the real limit without a configuration change.
-The provider's retry-after pauses every replica until then, and a request rate the provider
-publishes in headers caps the configured one for an hour.
+The provider's retry-after pauses every replica until then. What a provider announces in
+its headers, accepted answers included, is reported with ``throttled=False``: a request
+rate caps the configured request rate (and its whole requests per second the request
+burst) for an hour, and a window with nothing left pauses every replica until it resets;
+neither touches the factor, and neither does a used-up quota, which only pauses.
 
 Redis unreachable: ``acquire`` raises ``Unavailable`` and nothing is sent (fail closed);
 redis-py reconnects on the next call, so sending resumes by itself when Redis is back.
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -53,6 +57,9 @@ _MICROS = 1_000_000
 # What a caller is told to wait while Redis is unreachable: short, since redis-py reconnects
 # on the next call and sending should resume within seconds of Redis coming back.
 REDIS_DOWN_RETRY_SECONDS = 1.0
+# A process re-writes a published rate it already wrote (unchanged) at most this often, so
+# announcing headers on every answer costs no Redis call per batch; the rate lasts an hour.
+PUBLISHED_REFRESH_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +212,8 @@ class RateLimiter:
         # Unlimited providers skip Redis until one reports a throttle: from then on this
         # process honours the shared pause and published rate for it too.
         self._adaptive: set[str] = set()
+        # Provider -> (published rate, monotonic time) this process last wrote.
+        self._published: dict[str, tuple[float, float]] = {}
         # redis-py keeps the SHA and reloads the script on NOSCRIPT (e.g. after a restart).
         self._script = redis.register_script(_SCRIPT)
 
@@ -278,18 +287,22 @@ class RateLimiter:
         published_rps: float = 0.0,
         throttled: bool = True,
         now_us: int | None = None,
-    ) -> float:
+    ) -> float | None:
         """Tells every replica the provider throttled a send the limiter had granted.
 
         The shared factor halves (once per cooldown, never below the floor) and recovers
         gradually; ``retry_after`` (seconds, from the provider's answer) pauses all sends to
         it until then; ``published_rps`` is a request rate the provider announced in its
-        headers (e.g. ``ratelimit-limit`` over ``ratelimit-policy``'s window). With
-        ``throttled=False`` only the published rate and pause are taken (headers of an
-        accepted answer). Returns the factor now in force. Raises ``Unavailable`` when
-        Redis cannot be reached.
+        headers (e.g. ``ratelimit-limit`` over its window). With ``throttled=False`` only
+        the published rate and pause are taken (headers of an accepted answer, a used-up
+        quota). Returns the factor now in force, or None when nothing was new to tell: no
+        throttle, no pause, and the rate this process wrote within the refresh interval.
+        Raises ``Unavailable`` when Redis cannot be reached.
         """
-        self._adaptive.add(provider.name)
+        name = provider.name
+        if not throttled and retry_after <= 0 and not self._is_news(name, published_rps):
+            return None
+        self._adaptive.add(name)
         reply = await self._run(
             provider,
             Limits.of(provider),
@@ -303,7 +316,20 @@ class RateLimiter:
                 1 if throttled else 0,
             ],
         )
+        if published_rps > 0:
+            self._published[name] = (published_rps, time.monotonic())
         return reply[0] / _MICROS
+
+    def _is_news(self, name: str, published_rps: float) -> bool:
+        """True for a published rate this process has not written within the refresh."""
+        if published_rps <= 0:
+            return False
+        last = self._published.get(name)
+        return (
+            last is None
+            or last[0] != published_rps
+            or time.monotonic() - last[1] >= PUBLISHED_REFRESH_SECONDS
+        )
 
     async def _run(
         self,

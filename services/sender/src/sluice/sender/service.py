@@ -189,18 +189,31 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                         "reason": result.reason,
                     },
                 )
-        throttled = [r.retry_after for r in sent if r.outcome == "throttled"]
-        if throttled:
-            # The provider refused what the limiter granted: slow every replica down. Never
-            # fail the call for it: the other messages were sent and must be answered.
-            try:
-                await self._limiter.report_throttled(config, retry_after=max(throttled))
-            except Unavailable as exc:
-                log.warning("could not report a throttle", extra={"error": str(exc)})
+        await self._report(config, sent)
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
+
+    async def _report(self, config: ProviderConfig, sent: Sequence[ProviderResult]) -> None:
+        """Hands the limiter what the provider's answers said, so every replica adapts: a
+        rate refusal cuts the shared factor and pauses until its retry-after; a used-up
+        quota, or a window with nothing left, only pauses; an announced request rate caps
+        the configured one. Never fails the call: the messages were sent and must be
+        answered."""
+        throttles = [r for r in sent if r.outcome == "throttled"]
+        announced = [r.announced for r in sent if r.announced is not None]
+        pause = max([0.0, *(r.retry_after for r in throttles), *(a.reset_after for a in announced)])
+        rates = [a.requests_per_second for a in announced if a.requests_per_second > 0]
+        try:
+            await self._limiter.report_throttled(
+                config,
+                retry_after=pause,
+                published_rps=min(rates, default=0.0),
+                throttled=any(not r.quota for r in throttles),
+            )
+        except Unavailable as exc:
+            log.warning("could not report a throttle", extra={"error": str(exc)})
 
     @staticmethod
     def _throttle(

@@ -24,6 +24,10 @@ Contract of ``EmailProvider.send_batch``:
   ``PROVIDER_UNAVAILABLE`` for those messages: the router retries them without spending
   an attempt and counts them against the provider's health, so it fails over.
 - It passes an idempotency key to providers that take one, so a retry is not sent twice.
+- It reads its provider's rate-limit headers itself (the one place that knows their names
+  and units) and puts what they announced on the results (``Announced``), and it marks a
+  refusal because a daily or monthly quota is used up (``quota_results``): the servicer
+  hands both to the rate limiter, which slows down or pauses every replica.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Literal, Protocol, runtime_checkable
 
 from sluice.common.errors import Unavailable
+from sluice.common.headers import UNSUBSCRIBE_HEADERS
 from sluice.common.logging import redact_email
+from sluice.common.providers import ProviderConfig
 
 Outcome = Literal["accepted", "throttled", "transient", "unknown", "permanent", "unavailable"]
 
@@ -72,25 +79,48 @@ class OutboundEmail:
         return ((INTENT_TAG, self.intent_id), *(t for t in self.tags if t[0] != INTENT_TAG))
 
     def all_headers(self) -> tuple[tuple[str, str], ...]:
-        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058)."""
+        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058).
+
+        With an unsubscribe URL, Sluice's own List-Unsubscribe headers replace any the
+        message brought: two List-Unsubscribe headers leave the mailbox guessing which one
+        works, and Sluice's link is the one that suppresses the recipient."""
         url = self.list_unsubscribe_url
         if not url:
             return self.headers
         extra = [("List-Unsubscribe", f"<{url}>")]
         if url.startswith("https://"):
             extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-        return (*self.headers, *extra)
+        own = tuple(h for h in self.headers if h[0].lower() not in UNSUBSCRIBE_HEADERS)
+        return (*own, *extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """What a provider's answer said about its request limit, as its adapter read the
+    headers: ``requests_per_second`` is its limit over its window (0 when it did not say
+    both), ``reset_after`` the seconds until its window resets when the answer said no
+    request is left in it (0 otherwise). Accepted answers announce too."""
+
+    requests_per_second: float = 0.0
+    reset_after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderResult:
-    """What the provider did with one message (see the module docstring for outcomes)."""
+    """What the provider did with one message (see the module docstring for outcomes).
+
+    ``quota`` marks a throttle because a daily or monthly quota is used up: it pauses the
+    provider until ``retry_after`` and says nothing about its rate. ``announced`` is what
+    the answer's rate-limit headers said, when they said anything.
+    """
 
     intent_id: str
     outcome: Outcome
     provider_message_id: str = ""
     reason: str = ""
     retry_after: float = 0.0
+    quota: bool = False
+    announced: Announced | None = None
 
 
 class EmailProvider(Protocol):
@@ -103,6 +133,15 @@ class EmailProvider(Protocol):
 
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Sends the messages; one result per message, in order."""
+        ...
+
+
+@runtime_checkable
+class ReadsAccountLimits(Protocol):
+    """An adapter that can read its account's own limits from the provider (SES)."""
+
+    async def account_limits(self, config: ProviderConfig) -> ProviderConfig:
+        """``config`` with limits no higher than configured nor than the account allows."""
         ...
 
 
@@ -127,6 +166,26 @@ def results_for(
         ProviderResult(m.intent_id, outcome, reason=reason, retry_after=retry_after)
         for m in messages
     ]
+
+
+def quota_results(
+    messages: Sequence[OutboundEmail], what: str, until: datetime
+) -> list[ProviderResult]:
+    """Throttled until a used-up quota resets at ``until``, with the reason the router reads
+    (``QUOTA_REASON`` and ``paused_until=<RFC 3339>``) and ``quota`` set."""
+    wait = max(1.0, (until - datetime.now(UTC)).total_seconds())
+    reason = f"{QUOTA_REASON}; paused_until={until.strftime('%Y-%m-%dT%H:%M:%SZ')}; {what}"
+    return [
+        ProviderResult(m.intent_id, "throttled", reason=reason, retry_after=wait, quota=True)
+        for m in messages
+    ]
+
+
+def announcing(results: list[ProviderResult], announced: Announced | None) -> list[ProviderResult]:
+    """``results`` carrying what their answer announced."""
+    if announced is None:
+        return results
+    return [replace(r, announced=announced) for r in results]
 
 
 async def send_in_chunks(

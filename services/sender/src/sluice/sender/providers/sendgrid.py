@@ -6,9 +6,15 @@ refuses a request naming an address twice); each personalization carries its own
 subject, headers (List-Unsubscribe) and ``custom_args`` with the intent id, which
 SendGrid's event webhook sends back. Different content means separate requests.
 
+Every answer carries ``X-RateLimit-Limit`` (requests per refresh period), ``-Remaining``
+and ``-Reset`` (the Unix time the period ends). SendGrid does not say how long a period
+is, so no rate is derived from the limit; an answer with nothing remaining announces the
+wait until the reset (``Announced.reset_after``), which pauses every replica until then.
+
 Answer -> outcome (the README has the table): 202 accepted (queued, not delivered; every
 message of the request gets the request's ``X-Message-Id``, which SendGrid's events
-carry as the prefix of ``sg_message_id``); 429 throttled (``X-RateLimit-Reset``); 400
+carry as the prefix of ``sg_message_id``); 429 throttled (``Retry-After``, else until
+``X-RateLimit-Reset``); 400
 permanent (a request of several personalizations is split and sent one by one once, so
 one bad message does not fail the others); 413 permanent; 401/403 unavailable (the key or
 sender identity is wrong: nothing can be sent); 500/503 transient; 502/504 and no answer
@@ -18,6 +24,7 @@ unknown (SendGrid takes no idempotency key, so those are not retried here).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from email.utils import parseaddr
 from typing import Any
@@ -28,9 +35,11 @@ from sluice.common.errors import ConfigError, Unavailable
 from sluice.common.providers import ProviderConfig, SendGridSettings
 from sluice.sender.providers import _http
 from sluice.sender.providers.base import (
+    Announced,
     EmailProvider,
     OutboundEmail,
     ProviderResult,
+    announcing,
     provider_text,
     results_for,
     send_in_chunks,
@@ -128,31 +137,58 @@ class SendGridProvider:
         response = await _http.post_json(self._client, PATH, payload(request))
         if response is None:
             return results_for(request, "unknown", "sendgrid: no answer (may have been received)")
-        status = response.status_code
-        if status == 202:
-            message_id = response.headers.get("x-message-id", "")
-            return [ProviderResult(m.intent_id, "accepted", message_id) for m in request]
-        reason = f"sendgrid {status}: {_errors(response)}"
-        if status == 400 and split_on_400 and len(request) > 1:
+        if response.status_code == 400 and split_on_400 and len(request) > 1:
+            # One bad message must not fail the others: send them one by one, once.
             results: list[ProviderResult] = []
             for m in request:
                 results.extend(await self._send_one_after_400(m))
             return results
-        if status == 429:
-            return results_for(request, "throttled", reason, _http.retry_after(response.headers))
-        if status in (401, 403):
-            return results_for(request, "unavailable", reason)
-        if status in (502, 504):
-            return results_for(request, "unknown", reason)
-        if status >= 500:
-            return results_for(request, "transient", reason, _http.retry_after(response.headers))
-        return results_for(request, "permanent", reason)
+        return announcing(_results(request, response), announced(response.headers))
 
     async def _send_one_after_400(self, message: OutboundEmail) -> list[ProviderResult]:
         try:
             return await self._send_request([message], split_on_400=False)
         except Unavailable as exc:  # this one was not handed over; others were
             return [ProviderResult(message.intent_id, "unavailable", reason=str(exc))]
+
+
+def _results(request: Sequence[OutboundEmail], response: httpx.Response) -> list[ProviderResult]:
+    status = response.status_code
+    if status == 202:
+        message_id = response.headers.get("x-message-id", "")
+        return [ProviderResult(m.intent_id, "accepted", message_id) for m in request]
+    reason = f"sendgrid {status}: {_errors(response)}"
+    if status == 429:
+        return results_for(request, "throttled", reason, _rate_wait(response.headers))
+    if status in (401, 403):
+        return results_for(request, "unavailable", reason)
+    if status in (502, 504):
+        return results_for(request, "unknown", reason)
+    if status >= 500:
+        return results_for(
+            request, "transient", reason, _http.wait(_http.retry_after(response.headers))
+        )
+    return results_for(request, "permanent", reason)
+
+
+def announced(headers: httpx.Headers) -> Announced | None:
+    """The wait until ``X-RateLimit-Reset`` when ``X-RateLimit-Remaining`` is 0, else None
+    (see the module docstring)."""
+    remaining = _http.number(headers.get("x-ratelimit-remaining"))
+    until = _seconds_to_reset(headers)
+    if remaining is None or remaining > 0 or until is None or until <= 0:
+        return None
+    return Announced(reset_after=_http.wait(until))
+
+
+def _seconds_to_reset(headers: httpx.Headers) -> float | None:
+    reset = _http.number(headers.get("x-ratelimit-reset"))
+    return None if reset is None else reset - time.time()
+
+
+def _rate_wait(headers: httpx.Headers) -> float:
+    seconds = _http.retry_after(headers)
+    return _http.wait(seconds if seconds is not None else _seconds_to_reset(headers))
 
 
 def _flat(requests: Sequence[Sequence[OutboundEmail]]) -> list[OutboundEmail]:
