@@ -40,8 +40,10 @@ async def running_ingest(
 ) -> AsyncIterator[Ingest]:
     """Ingest with the ``welcome`` template stored and ``settings`` applied."""
     await upsert_template(pg_pool, WELCOME)
-    # Lag shedding off unless a test asks: a loaded test machine lags on its own.
+    # Lag and busy shedding off unless a test asks: a loaded test machine lags on its own,
+    # and a test's client shares the loop it would measure.
     settings.setdefault("ingest_max_loop_lag_seconds", 0.0)
+    settings.setdefault("ingest_max_loop_busy", 1.0)
     config = IngestSettings(database_url=pg_dsn, db_pool_size=4, **settings)
     async with (
         app.running(config, disabled(), port=0) as handle,

@@ -35,7 +35,9 @@ async def stub(
             from_address="noreply@example.com",
         ),
     )
-    settings = IngestSettings(database_url=pg_dsn, db_pool_size=4, ingest_max_loop_lag_seconds=0)
+    settings = IngestSettings(
+        database_url=pg_dsn, db_pool_size=4, ingest_max_loop_lag_seconds=0, ingest_max_loop_busy=1
+    )
     async with (
         app.running(settings, disabled(), port=0) as handle,
         grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,

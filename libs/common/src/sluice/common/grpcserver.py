@@ -41,6 +41,7 @@ from sluice.common.service import ListenError
 
 __all__ = [
     "MAX_MESSAGE_BYTES",
+    "MAX_PENDING_CALLS",
     "SERVER_OPTIONS",
     "ErrorInterceptor",
     "GrpcListener",
@@ -53,6 +54,13 @@ log = logging.getLogger("sluice.grpc")
 # Large batches travel in one message: SendBatch of 1,000 rendered-later messages with their
 # variables stays far below this.
 MAX_MESSAGE_BYTES = 32 * 1024 * 1024
+#: Calls gRPC core holds for the process before the process takes them up (it takes them one
+#: at a time, so a burst waits there). By default core refuses them at random from 1,000 on
+#: and always from 3,000, and a refused call ends CANCELLED, a code that tells a client
+#: nothing (it never reached the service, whose admission answers RESOURCE_EXHAUSTED with a
+#: retry hint). One fixed bound instead: the same memory bound as the default, and no call
+#: refused below it.
+MAX_PENDING_CALLS = 3_000
 SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -61,6 +69,8 @@ SERVER_OPTIONS: Sequence[tuple[str, Any]] = (
     # minutes lets routers find sender pods added by a scale-up (headless Service).
     ("grpc.max_connection_age_ms", 300_000),
     ("grpc.max_connection_age_grace_ms", 30_000),
+    ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+    ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
 )
 
 

@@ -161,8 +161,9 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             max_items=settings.ingest_max_in_flight_intents,
             retry_after=settings.ingest_retry_after_seconds,
             max_lag=settings.ingest_max_loop_lag_seconds,
+            max_busy=settings.ingest_max_loop_busy,
         )
-        self._lag_watch = asyncio.create_task(self.admission.watch_lag(), name="ingest-lag")
+        self._loop_watch = asyncio.create_task(self.admission.watch(), name="ingest-loop")
         self._streams = Admission(
             max_calls=MAX_STREAMS, max_items=1, retry_after=settings.ingest_retry_after_seconds
         )
@@ -172,10 +173,10 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         )
 
     async def aclose(self) -> None:
-        """Stops the background writers and the lag monitor."""
-        self._lag_watch.cancel()
+        """Stops the background writers and the loop monitor."""
+        self._loop_watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await self._lag_watch
+            await self._loop_watch
         await self._coalescer.aclose()
         await self._events.aclose()
 
