@@ -293,7 +293,6 @@ async def service_stack(
         "SLUICE_SHUTDOWN_GRACE_SECONDS": SHUTDOWN_GRACE,
         # A loaded test machine starves processes of CPU; ingest would read that as overload.
         "SLUICE_INGEST_MAX_LOOP_LAG_SECONDS": "0",
-        "SLUICE_INGEST_MAX_LOOP_BUSY": "1",
         "SLUICE_WEBHOOK_PORT": "0",  # a free port: stacks run side by side
     }
     base.update(_prepare(log_dir, providers_toml))

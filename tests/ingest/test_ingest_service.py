@@ -36,7 +36,10 @@ async def stub(
         ),
     )
     settings = IngestSettings(
-        database_url=pg_dsn, db_pool_size=4, ingest_max_loop_lag_seconds=0, ingest_max_loop_busy=1
+        database_url=pg_dsn,
+        db_pool_size=4,
+        ingest_max_loop_lag_seconds=0,
+        ingest_max_waiting_calls=0,
     )
     async with (
         app.running(settings, disabled(), port=0) as handle,

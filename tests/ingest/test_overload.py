@@ -8,12 +8,15 @@ calls started at once are such a backlog: the process takes them up one by one.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import asyncpg
 import grpc
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.common.grpcserver import GrpcListener
 from sluice.v1 import ingest_pb2
 from tests.grpc_helpers import error_info, status_details
 from tests.ingest.ingest_stack import running_ingest, submission
@@ -34,7 +37,11 @@ async def test_a_flood_is_answered_ok_or_resource_exhausted_with_a_hint_never_ca
     pg_dsn: str, pg_pool: asyncpg.Pool
 ) -> None:
     async with running_ingest(
-        pg_dsn, pg_pool, ingest_max_in_flight_calls=4, ingest_retry_after_seconds=0.2
+        pg_dsn,
+        pg_pool,
+        ingest_max_in_flight_calls=4,
+        ingest_max_waiting_calls=100,
+        ingest_retry_after_seconds=0.2,
     ) as ingest:
         # Every call started before the server takes up the first: a backlog in gRPC core.
         calls = [
@@ -57,3 +64,30 @@ async def test_a_flood_is_answered_ok_or_resource_exhausted_with_a_hint_never_ca
             assert error_info(exc).reason == "OVERLOADED"
             assert 0.2 <= _retry_after(exc) <= 0.3
     assert await pg_pool.fetchval("SELECT count(*) FROM intents") == codes["SubmitIntentResponse"]
+
+
+async def test_the_listener_counts_the_calls_waiting_in_grpc_core() -> None:
+    listener = GrpcListener("127.0.0.1", 0, service_names=[])
+    port = await listener.start()
+    try:
+        assert listener.waiting_calls() == 0
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            calls = [
+                asyncio.ensure_future(stub.Check(health_pb2.HealthCheckRequest()))
+                for _ in range(300)
+            ]
+            for _ in range(20):  # let every call go out
+                await asyncio.sleep(0)
+            # The loop that would take them up is held: they wait in gRPC core.
+            time.sleep(1.0)  # noqa: ASYNC251  (blocks the loop on purpose)
+            held = listener.waiting_calls()
+            await asyncio.gather(*calls)
+        assert held is not None
+        assert held > 100
+        deadline = time.monotonic() + 10
+        while listener.waiting_calls() and time.monotonic() < deadline:  # noqa: ASYNC110  (polls a counter)
+            await asyncio.sleep(0.02)
+        assert listener.waiting_calls() == 0
+    finally:
+        await listener.stop(0)

@@ -72,7 +72,9 @@ def build(
     budgets = {kind: w.total_seconds() for kind, w in settings.deadline_windows().items()}
     observer = IngestMetrics(metrics, budgets)
     providers = load_providers(settings.providers_file)
-    servicer = IngestServicer(resources.pool, settings, observer, providers)
+    servicer = IngestServicer(
+        resources.pool, settings, observer, providers, waiting_calls=grpc_listener.waiting_calls
+    )
     ingest_pb2_grpc.add_IngestServiceServicer_to_server(servicer, grpc_listener.server)
     catalogue.register(grpc_listener.server, resources.pool, settings)
     if settings.webhook_port >= 0:  # webhooks and unsubscribe links, on their own port

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 
 import asyncpg
@@ -141,6 +141,7 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
         settings: IngestSettings,
         metrics: IngestMetrics | None = None,
         providers: Sequence[ProviderConfig] = (),
+        waiting_calls: Callable[[], int | None] | None = None,
     ) -> None:
         self._pool = pool
         self._metrics = metrics if metrics is not None else IngestMetrics(disabled_metrics())
@@ -161,7 +162,8 @@ class IngestServicer(ingest_pb2_grpc.IngestServiceServicer):
             max_items=settings.ingest_max_in_flight_intents,
             retry_after=settings.ingest_retry_after_seconds,
             max_lag=settings.ingest_max_loop_lag_seconds,
-            max_busy=settings.ingest_max_loop_busy,
+            max_waiting=settings.ingest_max_waiting_calls,
+            waiting=waiting_calls,
         )
         self._loop_watch = asyncio.create_task(self.admission.watch(), name="ingest-loop")
         self._streams = Admission(

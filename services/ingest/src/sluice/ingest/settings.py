@@ -30,9 +30,9 @@ class IngestSettings(CommonSettings):
     ingest_max_in_flight_intents: int = 40_000
     #: Shed new calls while the event loop runs this many seconds late (0: never).
     ingest_max_loop_lag_seconds: float = 0.1
-    #: Admit only a share of new calls while the event loop is busy (has work to run) more
-    #: than this share of the time (1: never), so it keeps the headroom to take calls up.
-    ingest_max_loop_busy: float = 0.97
+    #: Shed new calls while more than this many calls wait in gRPC core for the process to
+    #: take them up (0: never).
+    ingest_max_waiting_calls: int = 100
     #: The retry hint of an overload answer (jittered up by half).
     ingest_retry_after_seconds: float = 0.2
     #: Check each recipient's domain in DNS (blocking lookups, in worker threads).
@@ -77,9 +77,12 @@ class IngestSettings(CommonSettings):
             "ingest_max_in_flight_intents",
             "ingest_retry_after_seconds",
         )
-        self.require_at_least(0, "ingest_max_pending_per_campaign", "ingest_max_loop_lag_seconds")
-        if not 0 < self.ingest_max_loop_busy <= 1:
-            raise ConfigError("SLUICE_INGEST_MAX_LOOP_BUSY must be above 0 and at most 1")
+        self.require_at_least(
+            0,
+            "ingest_max_pending_per_campaign",
+            "ingest_max_loop_lag_seconds",
+            "ingest_max_waiting_calls",
+        )
         if self.ingest_max_request_bytes > 1024**3:
             raise ConfigError("SLUICE_INGEST_MAX_REQUEST_BYTES must be at most 1 GiB")
         self.require_positive("default_deadline_seconds")
