@@ -41,13 +41,19 @@ TERMINAL_STATUSES = frozenset(
 PRIORITY = {"transactional": 0, "digest": 1, "marketing": 2}
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
 def to_timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    """A protobuf Timestamp for an aware datetime (None stays None)."""
+    """A protobuf Timestamp for an aware datetime (None stays None). Exact to the
+    microsecond, as ``Timestamp.FromDatetime`` is, at a fraction of its cost (it is plain
+    Python, and every intent answered carries four timestamps)."""
     if value is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromDatetime(value.astimezone(UTC))
-    return ts
+    delta = value.astimezone(UTC) - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
 
 
 def from_timestamp(value: timestamp_pb2.Timestamp) -> datetime:
