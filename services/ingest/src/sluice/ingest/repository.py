@@ -52,10 +52,11 @@ INTENT_STATUSES = frozenset(
 )
 MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 
-# One statement for the whole batch. Arrays travel as one parameter each; variables go as
-# JSON text and are cast here, which keeps the statement independent of the jsonb codec.
-# reply_to, headers and tags are NULL when absent (most intents), which keeps rows narrow.
-# due_at starts at send_at: that is when a router may first lease the intent.
+# One statement for the whole batch. The rows travel as one parameter, an array of the row
+# type sluice_new_intent (0008_new_intent_rows.sql: cheaper to encode than an array per
+# column); variables, headers and tags go as JSON text and are cast here, which keeps the
+# statement independent of the jsonb codec. due_at starts at send_at: that is when a
+# router may first lease the intent.
 #
 # Idempotency is global although intents is partitioned by month (0005_catalogue.sql): the
 # key is claimed in the unpartitioned intent_keys first, and only rows whose key this
@@ -69,13 +70,7 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 # marks the address's pending rows (sluice.ingest.suppression_repository).
 INSERT_INTENTS_SQL = """
 WITH u AS (
-    SELECT * FROM unnest(
-        $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
-        $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[],
-        $13::text[], $14::bool[], $15::text[], $16::text[], $17::text[]
-    ) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-           template_id, variables, send_at, deadline, traceparent, run, smtputf8,
-           reply_to, headers, tags)
+    SELECT * FROM unnest($1::sluice_new_intent[])
 ), claimed AS (
     INSERT INTO intent_keys (idempotency_key, intent_id, payload_hash, created_at)
     SELECT idempotency_key, id, payload_hash, now() FROM u
@@ -217,6 +212,29 @@ def _json_text(variables: Mapping[str, str]) -> str:
     return "{" + ",".join([f"{_quote(k)}:{_quote(v)}" for k, v in variables.items()]) + "}"
 
 
+def _row_of(r: NewIntent) -> tuple[object, ...]:
+    """A sluice_new_intent row (0008_new_intent_rows.sql), its fields in that order."""
+    return (
+        r.id,
+        r.idempotency_key,
+        r.payload_hash,
+        r.campaign_id,
+        r.recipient,
+        r.kind,
+        r.priority,
+        r.template_id,
+        _json_text(r.variables),
+        r.send_at,
+        r.deadline,
+        r.traceparent,
+        r.run,
+        r.smtputf8,
+        r.reply_to,
+        None if r.headers is None else _json_text(r.headers),
+        None if r.tags is None else _json_text(r.tags),
+    )
+
+
 # Version-4 UUIDs in bulk: the version and variant bits of every 16-byte block at once.
 _V4_AND = bytes.fromhex("ffffffffffff0fff3fffffffffffffff")
 _V4_OR = bytes.fromhex("00000000000040008000000000000000")
@@ -264,26 +282,7 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
     # waits for (deadlock, measured with 4 overlapping batches). One global order rules it out.
     todo = sorted(first.values(), key=_BY_KEY)
     for _ in range(_MAX_INSERT_ROUNDS):
-        inserted = await pool.fetch(
-            INSERT_INTENTS_SQL,
-            [r.id for r in todo],
-            [r.idempotency_key for r in todo],
-            [r.payload_hash for r in todo],
-            [r.campaign_id for r in todo],
-            [r.recipient for r in todo],
-            [r.kind for r in todo],
-            [r.priority for r in todo],
-            [r.template_id for r in todo],
-            [_json_text(r.variables) for r in todo],
-            [r.send_at for r in todo],
-            [r.deadline for r in todo],
-            [r.traceparent for r in todo],
-            [r.run for r in todo],
-            [r.smtputf8 for r in todo],
-            [r.reply_to for r in todo],
-            [None if r.headers is None else _json_text(r.headers) for r in todo],
-            [None if r.tags is None else _json_text(r.tags) for r in todo],
-        )
+        inserted = await pool.fetch(INSERT_INTENTS_SQL, [_row_of(r) for r in todo])
         suppressed_by_id = {rec[0]: rec[1] for rec in inserted}
         if len(suppressed_by_id) == len(rows):  # the usual batch: all new, no key twice
             return [InsertOutcome(r.id, True, False, suppressed_by_id[r.id]) for r in rows]
