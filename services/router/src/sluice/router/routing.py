@@ -192,7 +192,8 @@ def demand_of(
 
 @dataclass(frozen=True, slots=True)
 class PlannedBatch:
-    """One SendBatch call to make: one provider, one template, up to 500 intents, and why
+    """One SendBatch call to make: one provider, one template, one kind, up to 500 intents
+    (a batch's outcome is a sample of that kind's circuit), and why
     each intent goes there (``reasons``, in the order of ``intents``; what is recorded on the
     intent as its route reason)."""
 
@@ -253,7 +254,7 @@ def plan_routes(
     """Routes one lease.
 
     Intents past their deadline become ``expired``; the policy decides the rest: routed ones
-    are grouped per (provider, template) in priority order and chunked at ``max_messages``,
+    are grouped per (provider, template, kind) in priority order and chunked at ``max_messages``,
     ones that must wait go back to pending with the policy's reason and retry time (no
     attempt spent), and ones no configured provider could ever serve become ``failed``.
     Each input intent appears exactly once in the result.
@@ -265,7 +266,8 @@ def plan_routes(
     if max_messages < 1:
         raise ValueError("max_messages must be at least 1")
     decided: list[Completion] = []
-    groups: dict[tuple[str, str], list[tuple[LeasedIntent, str]]] = {}
+    # one batch per kind too: a batch's outcome is a sample of its kind's circuit
+    groups: dict[tuple[str, str, str], list[tuple[LeasedIntent, str]]] = {}
     # The lease returns rows in no particular order; urgent kinds go into the first batches.
     live: list[LeasedIntent] = []
     for intent in sorted(intents, key=lambda i: PRIORITY.get(i.kind, len(PRIORITY))):
@@ -287,9 +289,8 @@ def plan_routes(
     for intent, decision in zip(live, decisions, strict=True):
         if decision.verdict is Verdict.ROUTE:
             assert decision.provider is not None
-            groups.setdefault((decision.provider, intent.template_id), []).append(
-                (intent, decision.reason)
-            )
+            key = (decision.provider, intent.template_id, intent.kind)
+            groups.setdefault(key, []).append((intent, decision.reason))
         elif decision.verdict is Verdict.WAIT:
             decided.append(
                 Completion(
@@ -311,7 +312,7 @@ def plan_routes(
             intents=tuple(intent for intent, _ in group[i : i + max_messages]),
             reasons=tuple(reason for _, reason in group[i : i + max_messages]),
         )
-        for (name, template), group in groups.items()
+        for (name, template, _), group in groups.items()
         for i in range(0, len(group), max_messages)
     ]
     return RoutePlan(
