@@ -8,6 +8,7 @@ import asyncio
 import logging
 import random
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -17,17 +18,20 @@ import asyncpg
 import grpc
 import pytest
 import redis.asyncio as aioredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sluice.common.metrics import Metrics
 from sluice.common.telemetry import disabled
-from sluice.router.circuit import CircuitState
+from sluice.router.circuit import CircuitConfig, CircuitState
 from sluice.router.dispatch import Dispatcher
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.metrics import RouterMetrics
 from sluice.router.outcomes import SENDER_TARGET
+from sluice.router.provider_state import OutageClock
 from sluice.router.shared_state import SharedState, target_key
 from sluice.v1 import sender_pb2_grpc
-from tests.conftest import InsertTemplate
+from tests.conftest import REDIS_URL, InsertTemplate
 from tests.e2e.test_e2e_crashes import REDIS_SERVER, redis_server
 from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
 from tests.router.test_router_dispatch import base_settings
@@ -266,3 +270,77 @@ async def test_redis_down_falls_back_to_local_state_says_so_and_comes_back(
         assert any("Redis answers again" in r.getMessage() for r in caplog.records)
         assert metrics.registry.get_sample_value("sluice_router_shared_state_local") == 0.0
         await client.aclose()
+
+
+# ---- the shared circuit against a model -------------------------------------------------
+
+# (router, good, failed, batches, seconds per batch) of one sync
+flushes_st = st.lists(
+    st.tuples(
+        st.sampled_from([0, 1]),
+        st.integers(0, 30),
+        st.integers(0, 3),
+        st.integers(1, 3),
+        st.sampled_from([0.01, 0.01, 0.2]),
+    ),
+    min_size=1,
+    max_size=20,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(flushes=flushes_st)
+def test_a_shared_circuit_opens_once_exactly_when_the_combined_samples_breach(
+    flushes: list[tuple[int, int, int, int, float]],
+) -> None:
+    """Two routers' samples, synced in any interleaving, open the circuit at the first sync
+    where their sum breaches the rate or latency bound, once, and nothing reopens it while
+    it cools down; a model of the rule over the combined counts says when."""
+    asyncio.run(_check_circuit(flushes))
+
+
+async def _check_circuit(flushes: list[tuple[int, int, int, int, float]]) -> None:
+    redis = aioredis.Redis.from_url(REDIS_URL)
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    config = CircuitConfig(min_samples=20, max_latency=0.1, cooldown=600.0)
+    routers = [
+        SharedState(
+            redis,
+            prefix,
+            {"p": ("marketing",)},
+            [],
+            config,
+            probe_interval=0.5,
+            hold_max=30.0,
+            router_id=f"r{n}",
+            outages=OutageClock(probe_interval=0.5, hold_max=30.0, rng=random.Random(n)),
+        )
+        for n in range(2)
+    ]
+    good = total = batches = latency_ms = 0
+    is_open = False
+    try:
+        for who, ok, failed, count, seconds in flushes:
+            for _ in range(count):
+                routers[who].record("p", "marketing", ok=ok, failed=failed, seconds=seconds)
+            view = await routers[who].sync(["marketing"])
+            assert view is not None
+            if not is_open and ok + failed > 0:
+                good += ok * count
+                total += (ok + failed) * count
+                batches += count
+                latency_ms += int(seconds * 1000) * count
+                is_open = total >= config.min_samples and (
+                    good / total < config.threshold or latency_ms / batches > 100
+                )
+            assert (("p", "") in view.closed) is is_open
+            assert (("p", "marketing") in view.closed) is is_open
+        opened = sum(
+            n for r in routers for (_, kind, to), n in r.transitions.items() if to == "open"
+        )
+        assert opened == (2 if is_open else 0)  # the provider's circuit and marketing's
+    finally:
+        keys = [k async for k in redis.scan_iter(match=f"{prefix}:*", count=1000)]
+        if keys:
+            await redis.delete(*keys)
+        await redis.aclose()

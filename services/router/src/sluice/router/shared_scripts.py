@@ -6,8 +6,9 @@ slot) holds, per circuit (``*`` for the provider, else an intent kind):
 * ``<c>:state`` 0 closed or 1 open, ``<c>:opened`` when it opened (ms, Redis clock),
   ``<c>:probe`` until when the current half-open probe is taken, ``<c>:prober`` by which
   router, ``<c>:good`` the good probes in a row;
-* ``<c>@<slot>`` one-second buckets of samples, ``"second good total batches latency_ms"``,
-  in a ring of ``buckets`` slots;
+* ``<c>@<slot>`` buckets of ``span`` seconds of samples, ``"bucket good total batches
+  latency_ms"`` (``bucket`` is the Unix time divided by ``span``), in a ring of ``buckets``
+  slots; a few wide buckets, not one a second, keep the window sums cheap to read;
 
 and for the outage clock ``out:since`` (when the target was first seen down) and
 ``out:probe`` (until when the current outage probe is taken). Every time is Redis's own
@@ -19,7 +20,8 @@ from __future__ import annotations
 __all__ = ["DOWN", "ROUTERS", "SYNC", "UP"]
 
 # KEYS[1] a target's hash. ARGV: router id, cool-down ms, probe-every ms, threshold,
-# max latency ms, min samples, window (batches), buckets (seconds), close-after, ttl ms,
+# max latency ms, min samples, window (batches), buckets, span (seconds per bucket),
+# close-after, ttl ms,
 # outage probe ms (0: do not take the outage probe); then 6 per circuit: name, claim (1:
 # take its half-open probe when free), good, failed, batches, latency ms (samples since
 # the last sync). Returns {now ms, out since ms or -1, outage probe taken 0/1,
@@ -28,14 +30,14 @@ __all__ = ["DOWN", "ROUTERS", "SYNC", "UP"]
 SYNC = """
 local key = KEYS[1]
 local t = redis.call('TIME')
-local sec = tonumber(t[1])
-local now = sec * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local me = ARGV[1]
 local cooldown, probe_every = tonumber(ARGV[2]), tonumber(ARGV[3])
 local threshold, max_latency = tonumber(ARGV[4]), tonumber(ARGV[5])
 local min_samples, window = tonumber(ARGV[6]), tonumber(ARGV[7])
-local buckets, close_after = tonumber(ARGV[8]), tonumber(ARGV[9])
-local ttl, outage_probe = tonumber(ARGV[10]), tonumber(ARGV[11])
+local buckets, span = tonumber(ARGV[8]), tonumber(ARGV[9])
+local close_after, ttl, outage_probe = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
+local sec = math.floor(tonumber(t[1]) / span)  -- the current bucket
 local wrote = false
 local pattern = '(%d+) (%d+) (%d+) (%d+) (%d+)'
 
@@ -65,7 +67,7 @@ local function add(name, good, total, batches, latency)
                                                b + batches, l + latency))
 end
 
--- the newest buckets of the last `buckets` seconds, back to `window` batches
+-- the newest of the last `buckets` buckets, back to `window` batches
 local function sums(name)
   local rows = {}
   for _, v in ipairs(redis.call('HMGET', key, unpack(slots(name)))) do
@@ -97,7 +99,7 @@ if since then
   end
 end
 
-for i = 12, #ARGV, 6 do
+for i = 13, #ARGV, 6 do
   local name, claim = ARGV[i], ARGV[i + 1]
   local good, failed = tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
   local batches, latency = tonumber(ARGV[i + 4]), tonumber(ARGV[i + 5])

@@ -57,7 +57,9 @@ RETRY_SECONDS = 1.0
 ROUTER_ALIVE_SECONDS = 10.0
 # What a Redis call may raise: the client's errors, the socket's, the timeout, an odd reply.
 _FAILURES = (RedisError, OSError, TimeoutError, ValueError, TypeError, IndexError)
-PROVIDER_CIRCUIT = "*"  # the provider-wide circuit's name in Redis
+PROVIDER_CIRCUIT = "*"
+# Sample buckets per circuit over the circuit's max_age (60 s: twelve of 5 s).
+BUCKETS = 12  # the provider-wide circuit's name in Redis
 _STATUS = {
     0: CircuitState.CLOSED,
     1: CircuitState.OPEN,
@@ -110,9 +112,22 @@ class SharedState:
         self._prefix = prefix
         self._circuits = {name: ("", *sorted(kinds)) for name, kinds in served.items()}
         self._targets = [*self._circuits, *extra_targets]
-        self._config = config
         self._probe_ms = int(probe_interval * 1000)
         self._ttl_ms = int(2000 * max(config.max_age, config.cooldown, hold_max) + 60_000)
+        span = max(1, math.ceil(config.max_age / BUCKETS))
+        # the arguments every sync repeats (see shared_scripts.SYNC)
+        self._fixed = [
+            str(int(config.cooldown * 1000)),
+            str(int(config.probe_every * 1000)),
+            repr(config.threshold),
+            str(int(config.max_latency * 1000)),
+            str(config.min_samples),
+            str(config.window),
+            str(max(1, math.ceil(config.max_age / span))),
+            str(span),
+            str(config.close_after),
+            str(self._ttl_ms),
+        ]
         self._id = router_id
         self._scripts = {"sync": SYNC, "down": DOWN, "up": UP, "routers": ROUTERS}
         self._sha = {name: redis.register_script(text).sha for name, text in self._scripts.items()}
@@ -201,20 +216,7 @@ class SharedState:
         pending: Mapping[tuple[str, str], _Samples],
         probe_outages: bool,
     ) -> list[str]:
-        cfg = self._config
-        args = [
-            self._id,
-            str(int(cfg.cooldown * 1000)),
-            str(int(cfg.probe_every * 1000)),
-            repr(cfg.threshold),
-            str(int(cfg.max_latency * 1000)),
-            str(cfg.min_samples),
-            str(cfg.window),
-            str(max(1, math.ceil(cfg.max_age))),
-            str(cfg.close_after),
-            str(self._ttl_ms),
-            str(self._probe_ms if probe_outages else 0),
-        ]
+        args = [self._id, *self._fixed, str(self._probe_ms if probe_outages else 0)]
         for circuit in self._circuits.get(target, ()):
             claim = "1" if wanted and (circuit == "" or circuit in wanted) else "0"
             s = pending.get((target, circuit)) or _Samples()
