@@ -235,6 +235,35 @@ async def test_get_intent_returns_every_column(pg_pool: asyncpg.Pool, template: 
     assert await repo.get_intent(pg_pool, uuid.uuid4()) is None
 
 
+async def test_extras_are_stored_and_null_when_absent(pg_pool: asyncpg.Pool, template: str) -> None:
+    extras: dict[str, Any] = {
+        "reply_to": "help@example.com",
+        "headers": {"X-Campaign": "spring", "List-Id": "<news.example.com>"},
+        "tags": {"cohort": "b"},
+    }
+    rows = [new_intent("e1", **extras), new_intent("e2"), new_intent("e3", tags={"t": "1"})]
+    counting = CountingExecutor(pg_pool)
+    await repo.insert_intents(counting, rows)  # type: ignore[arg-type]
+    assert counting.statements == 1
+
+    got = [await repo.get_intent(pg_pool, r.id) for r in rows]
+    assert [(g.reply_to, g.headers, g.tags) for g in got if g is not None] == [
+        (extras["reply_to"], extras["headers"], extras["tags"]),
+        (None, None, None),
+        (None, None, {"t": "1"}),
+    ]
+    # Absent extras are SQL NULLs (not empty JSON), which keeps the common row narrow.
+    raw = await pg_pool.fetch(
+        "SELECT idempotency_key, reply_to IS NULL AS r, headers IS NULL AS h, tags IS NULL AS t"
+        " FROM intents ORDER BY idempotency_key"
+    )
+    assert [tuple(r) for r in raw] == [
+        ("e1", False, False, False),
+        ("e2", True, True, True),
+        ("e3", True, True, False),
+    ]
+
+
 async def list_all(pool: asyncpg.Pool, page: int, **filters: Any) -> list[repo.IntentRow]:
     out: list[repo.IntentRow] = []
     after = None

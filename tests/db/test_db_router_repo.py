@@ -106,6 +106,28 @@ async def test_lease_marks_rows_and_returns_what_a_sender_needs(
     assert 29 < remaining <= 30
 
 
+@pytest.mark.parametrize("campaign_share", [1.0, 0.5])  # LEASE_SQL, LEASE_FAIR_SQL
+async def test_lease_returns_the_submitted_extras(
+    pg_pool: asyncpg.Pool, template: str, campaign_share: float
+) -> None:
+    extras = {
+        "reply_to": "help@example.com",
+        "headers": {"X-Campaign": "spring"},
+        "tags": {"cohort": "b"},
+    }
+    with_extras, plain = await seed(pg_pool, [new_intent("x1", **extras), new_intent("x2")])
+
+    leased = await repo.lease(
+        pg_pool, lease_id=uuid.uuid4(), limit=10, lease_seconds=30, campaign_share=campaign_share
+    )
+
+    by_id = {i.id: (i.reply_to, i.headers, i.tags) for i in leased}
+    assert by_id == {
+        with_extras: (extras["reply_to"], extras["headers"], extras["tags"]),
+        plain: (None, None, None),
+    }
+
+
 async def test_complete_writes_each_kind_of_result(pg_pool: asyncpg.Pool, template: str) -> None:
     ids = await seed(pg_pool, [new_intent(f"k{i}") for i in range(4)])
     sent, throttled, transient, failed = ids

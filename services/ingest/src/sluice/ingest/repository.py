@@ -50,6 +50,7 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 
 # One statement for the whole batch. Arrays travel as one parameter each; variables go as
 # JSON text and are cast here, which keeps the statement independent of the jsonb codec.
+# reply_to, headers and tags are NULL when absent (most intents), which keeps rows narrow.
 # due_at starts at send_at: that is when a router may first lease the intent.
 #
 # Idempotency is global although intents is partitioned by month (0005_catalogue.sql): the
@@ -62,9 +63,10 @@ WITH u AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
         $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[],
-        $13::text[], $14::bool[]
+        $13::text[], $14::bool[], $15::text[], $16::text[], $17::text[]
     ) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-           template_id, variables, send_at, deadline, traceparent, run, smtputf8)
+           template_id, variables, send_at, deadline, traceparent, run, smtputf8,
+           reply_to, headers, tags)
 ), claimed AS (
     INSERT INTO intent_keys (idempotency_key, intent_id, payload_hash, created_at)
     SELECT idempotency_key, id, payload_hash, now() FROM u
@@ -73,11 +75,13 @@ WITH u AS (
 )
 INSERT INTO intents (
     id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8
+    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8,
+    reply_to, headers, tags
 )
 SELECT u.id, u.idempotency_key, u.payload_hash, u.campaign_id, u.recipient,
        u.kind::intent_kind, u.priority, u.template_id, u.variables::jsonb,
-       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8
+       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8,
+       u.reply_to, u.headers::jsonb, u.tags::jsonb
 FROM u JOIN claimed ON claimed.intent_id = u.id
 RETURNING id
 """
@@ -93,7 +97,7 @@ _INTENT_COLUMNS = """
     id, idempotency_key, campaign_id, recipient, kind::text AS kind, priority, template_id,
     variables, send_at, deadline, due_at, status::text AS status, provider,
     provider_message_id, attempts, last_error, traceparent, created_at, updated_at, run,
-    smtputf8, route_reason, route_cost, held_for
+    smtputf8, route_reason, route_cost, held_for, reply_to, headers, tags
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
@@ -128,6 +132,10 @@ class NewIntent:
     traceparent: str | None
     run: str = ""
     smtputf8: bool = False
+    # checked extras (sluice.ingest.extras); None when not given
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
+    tags: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +190,11 @@ class IntentRow:
     route_cost: float | None = None
     held_for: str | None = None
 
+    # submitted extras (migration 0007); None when not given
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
+    tags: dict[str, str] | None = None
+
 
 def _json_text(variables: Mapping[str, str]) -> str:
     return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
@@ -229,6 +242,9 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
             [r.traceparent for r in todo],
             [r.run for r in todo],
             [r.smtputf8 for r in todo],
+            [r.reply_to for r in todo],
+            [None if r.headers is None else _json_text(r.headers) for r in todo],
+            [None if r.tags is None else _json_text(r.tags) for r in todo],
         )
         inserted_ids = {rec["id"] for rec in inserted}
         skipped: list[NewIntent] = []
@@ -289,6 +305,9 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         route_reason=rec["route_reason"],
         route_cost=rec["route_cost"],
         held_for=rec["held_for"],
+        reply_to=rec["reply_to"],
+        headers=rec["headers"],
+        tags=rec["tags"],
     )
 
 

@@ -64,6 +64,9 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
         route_reason=row.route_reason or "",
         route_cost=row.route_cost or 0.0,
         held_for=row.held_for or "",
+        reply_to=row.reply_to or "",
+        headers=row.headers,
+        tags=row.tags,
     )
     for name, value in (
         ("send_at", row.send_at),
@@ -103,6 +106,9 @@ def _new_to_proto(
             updated_at=created_at,
             run=row.run,
             smtputf8=row.smtputf8,
+            reply_to=row.reply_to,
+            headers=row.headers,
+            tags=row.tags,
         )
     )
 

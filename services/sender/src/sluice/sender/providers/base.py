@@ -47,6 +47,7 @@ from datetime import UTC, datetime
 from typing import Literal, Protocol, runtime_checkable
 
 from sluice.common.errors import Unavailable
+from sluice.common.headers import UNSUBSCRIBE_HEADERS
 from sluice.common.logging import redact_email
 from sluice.common.providers import ProviderConfig
 
@@ -87,14 +88,19 @@ class OutboundEmail:
         return ((INTENT_TAG, self.intent_id), *(t for t in self.tags if t[0] != INTENT_TAG))
 
     def all_headers(self) -> tuple[tuple[str, str], ...]:
-        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058)."""
+        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058).
+
+        With an unsubscribe URL, Sluice's own List-Unsubscribe headers replace any the
+        message brought: two List-Unsubscribe headers leave the mailbox guessing which one
+        works, and Sluice's link is the one that suppresses the recipient."""
         url = self.list_unsubscribe_url
         if not url:
             return self.headers
         extra = [("List-Unsubscribe", f"<{url}>")]
         if url.startswith("https://"):
             extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-        return (*self.headers, *extra)
+        own = tuple(h for h in self.headers if h[0].lower() not in UNSUBSCRIBE_HEADERS)
+        return (*own, *extra)
 
 
 @dataclass(frozen=True, slots=True)
