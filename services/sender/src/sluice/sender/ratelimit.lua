@@ -20,7 +20,8 @@
 -- All carry the same {provider} hash tag, so the script touches one cluster slot.
 --
 -- ARGV: 1 mode ("acquire" | "peek" | "report")  2 now µs ("" = Redis TIME; tests only)
---       3 n (messages in all)  4 k (runs in the request shape)  5 msg rate  6 msg burst  7 req rate  8 req burst  9 daily quota
+--       3 n (messages in all)  4 k (runs in the request shape)  5 msg rate  6 msg burst
+--       7 req rate  8 req burst  9 daily quota
 --       10 window µs  11 recovery (factor per second)  12 floor factor
 --       report only: 13 retry-after µs (0 = none)  14 published req/s µ (0 = none)
 --                    15 cooldown µs between cuts  16 "1" when the provider throttled
