@@ -184,6 +184,7 @@ async def one_run(
             "SLUICE_REDIS_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
             "SLUICE_PROVIDERS_FILE": str(providers),
             "SLUICE_INGEST_PORT": str(ports["ingest"]),
+            "SLUICE_WEBHOOK_PORT": "0",  # any free port: never collide with a running Sluice
             "SLUICE_ROUTER_PORT": str(ports["router"]),
             "SLUICE_SENDER_PORT": str(ports["sender"]),
             "SLUICE_SENDER_TARGET": f"127.0.0.1:{ports['sender']}",

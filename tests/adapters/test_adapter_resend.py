@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig, ResendSettings, Secret
 from sluice.sender.providers import build_adapters
-from sluice.sender.providers.base import INTENT_TAG
-from sluice.sender.providers.resend import ResendProvider, idempotency_key
+from sluice.sender.providers.base import INTENT_TAG, Announced
+from sluice.sender.providers.resend import ResendProvider, announced, idempotency_key
 from tests.adapters.messages import email
 from tests.fakes.resend_fake import FakeResend
 
@@ -208,12 +210,73 @@ async def test_rate_limit_is_throttled_with_retry_after() -> None:
     assert "rate_limit_exceeded" in throttled[0].reason
 
 
+async def test_every_answer_announces_the_request_limit() -> None:
+    async with FakeResend(api_key=KEY, requests_per_second=1) as fake, adapter(fake.url) as p:
+        first = await p.send_batch([email("a")])
+        second = await p.send_batch([email("b")])
+    # Limit 1 a second: the first answer of a window has nothing left (wait for the reset),
+    # and the second is either refused in that window or the first of the next.
+    assert first[0].outcome == "accepted"
+    assert first[0].announced is not None
+    assert first[0].announced.requests_per_second == 1.0
+    assert 0 < first[0].announced.reset_after <= 1
+    assert second[0].announced is not None
+    assert second[0].announced.requests_per_second == 1.0
+    assert second[0].outcome in ("accepted", "throttled")
+
+
+def test_resend_headers_are_read_as_documented() -> None:
+    def read(**headers: str) -> Announced | None:
+        return announced(httpx.Headers({k.replace("_", "-"): v for k, v in headers.items()}))
+
+    assert read() is None
+    assert read(ratelimit_limit="5", ratelimit_remaining="4", ratelimit_reset="1") == Announced(5)
+    assert read(ratelimit_limit="5", ratelimit_remaining="0", ratelimit_reset="1") == Announced(
+        5, 1
+    )
+    # Another window named by the draft's policy header: 120 per minute is 2 a second.
+    policy = read(ratelimit_limit="120", ratelimit_remaining="7", ratelimit_policy="120;w=60")
+    assert policy == Announced(2)
+    # Nothing left but the window resets now: no pause.
+    assert read(ratelimit_limit="2", ratelimit_remaining="0", ratelimit_reset="0") == Announced(2)
+    assert read(ratelimit_limit="lots", ratelimit_remaining="0", ratelimit_reset="3") == Announced(
+        0, 3
+    )
+
+
+_NUMBERS = st.one_of(st.floats(allow_nan=True).map(str), st.integers().map(str))
+_HEADER_VALUES = st.one_of(
+    st.text(max_size=12), _NUMBERS, st.tuples(_NUMBERS, _NUMBERS).map("{0[0]};w={0[1]}".format)
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            ["ratelimit-limit", "ratelimit-remaining", "ratelimit-reset", "ratelimit-policy"]
+        ),
+        _HEADER_VALUES,
+    )
+)
+def test_any_rate_limit_headers_read_to_a_bounded_announcement(headers: dict[str, str]) -> None:
+    try:
+        parsed = httpx.Headers(headers)
+    except (UnicodeEncodeError, ValueError):
+        return  # not a header httpx could receive
+    result = announced(parsed)
+    if result is not None:
+        assert 0 <= result.requests_per_second < float("inf")
+        assert 0 <= result.reset_after <= 3600
+
+
 async def test_daily_quota_pauses_until_it_resets() -> None:
     async with FakeResend(api_key=KEY, daily_quota=1) as fake, adapter(fake.url) as p:
         [ok] = await p.send_batch([email("a")])
         [paused] = await p.send_batch([email("b")])
     assert ok.outcome == "accepted"
     assert paused.outcome == "throttled"
+    assert paused.quota
+    assert not ok.quota
     assert paused.reason.startswith("quota exhausted; paused_until=")
     assert "daily_quota_exceeded" in paused.reason
     assert 1 <= paused.retry_after <= 86400

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import socket
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -13,8 +14,8 @@ import pytest
 
 from sluice.common.errors import Unavailable
 from sluice.common.providers import Secret, SendGridSettings
-from sluice.sender.providers.base import INTENT_TAG
-from sluice.sender.providers.sendgrid import SendGridProvider, pack
+from sluice.sender.providers.base import INTENT_TAG, Announced
+from sluice.sender.providers.sendgrid import SendGridProvider, announced, pack
 from tests.adapters.messages import email
 from tests.fakes.sendgrid_fake import FakeSendGrid
 
@@ -92,7 +93,7 @@ def test_packing_by_content_limit_and_unique_recipients() -> None:
         email("b", "x@example.com", html="<p>2</p>"),
         email("c", "y@example.com", html="<p>1</p>"),
     ]
-    assert [[m.intent_id for m in r] for r in pack(mixed)] == [["a", "c"], ["b"]]
+    assert pack(mixed) == [[0, 2], [1]]
     twice = [email("a", "same@example.com"), email("b", "SAME@example.com")]
     assert [len(r) for r in pack(twice)] == [1, 1]
 
@@ -147,6 +148,41 @@ async def test_rate_limited_is_throttled_until_the_reset() -> None:
     assert sorted(r.outcome for r in results) == ["accepted", "throttled"]
     throttled = next(r for r in results if r.outcome == "throttled")
     assert 0 < throttled.retry_after <= 3
+
+
+async def test_an_answer_with_nothing_remaining_announces_the_reset() -> None:
+    async with FakeSendGrid(api_key=KEY, requests_per_second=1) as fake, adapter(fake.url) as p:
+        results = [(await p.send_batch([email(str(n))]))[0] for n in range(3)]
+    # One a second: every answer, accepted or refused, leaves nothing in its window and
+    # says to wait for the reset, at most a second away. No rate: SendGrid does not say
+    # how long its window is.
+    assert results[0].outcome == "accepted"
+    for r in results:
+        assert r.announced is not None
+        assert 0 < r.announced.reset_after <= 1.05
+        assert r.announced.requests_per_second == 0
+
+
+def test_sendgrid_headers_are_read_as_documented() -> None:
+    def read(remaining: str, reset: float) -> Announced | None:
+        return announced(
+            httpx.Headers(
+                {
+                    "X-RateLimit-Limit": "600",
+                    "X-RateLimit-Remaining": remaining,
+                    "X-RateLimit-Reset": str(int(reset)),
+                }
+            )
+        )
+
+    now = time.time()
+    assert read("599", now + 30) is None
+    later = read("0", now + 30)
+    assert later is not None
+    assert 28 < later.reset_after <= 30
+    assert read("0", now - 5) is None  # already reset
+    assert read("0", now + 86400) == Announced(reset_after=3600)  # bounded
+    assert announced(httpx.Headers({"X-RateLimit-Remaining": "0"})) is None
 
 
 async def test_failures_map_to_outcomes(fake: FakeSendGrid) -> None:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import email as stdlib_email
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
 
-from sluice.common.errors import ConfigError, Unavailable
+from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig, Secret, SesSettings
-from sluice.sender.providers import build_adapters
+from sluice.sender.providers import account_limits, build_adapters
 from sluice.sender.providers.base import INTENT_TAG
 from sluice.sender.providers.ses import SesProvider
 from tests.adapters.messages import email
@@ -148,7 +150,9 @@ async def test_error_answers_map_to_outcomes(errors: FakeSesErrors) -> None:
     ]
     assert results[0].retry_after == 1.0
     assert results[1].reason.startswith("quota exhausted; paused_until=")
-    assert results[1].retry_after == 3600
+    assert results[1].retry_after == pytest.approx(3600, abs=1)
+    assert results[1].quota
+    assert not results[0].quota
 
 
 async def test_timeout_is_unknown_and_no_endpoint_is_unavailable(errors: FakeSesErrors) -> None:
@@ -164,11 +168,42 @@ async def test_timeout_is_unknown_and_no_endpoint_is_unavailable(errors: FakeSes
             await provider.send_batch([email("b")])
 
 
-async def test_send_quota_is_read_and_checked(errors: FakeSesErrors) -> None:
+async def test_read_quota_lowers_the_limits_to_the_account_and_never_raises_them(
+    errors: FakeSesErrors, caplog: pytest.LogCaptureFixture
+) -> None:
+    # moto (5.x) answers SES v2's GetAccount with 404, so the error-shape server answers it.
+    errors.quota = {"Max24HourSend": 200.0, "MaxSendRate": 5.0, "SentLast24Hours": 10.0}
+    above = config(errors.url, read_quota=True)  # sustained_rate 14, burst 30, no quota
+    below = dataclasses.replace(above, sustained_rate=3, burst=3, daily_quota=100)
+    off = config(errors.url)
+    seeded: list[ProviderConfig] = []
+    async with contextlib.AsyncExitStack() as stack:
+        for c in (above, below, off):
+            adapters = await build_adapters(
+                [c],
+                stack,
+                redis=None,  # type: ignore[arg-type]
+                prefix="p",
+                environ={},
+            )
+            with caplog.at_level(logging.INFO, logger="sluice.sender.ses"):
+                seeded.append((await account_limits([c], adapters))[c.name])
+    lowered, kept, untouched = seeded
+    assert (lowered.sustained_rate, lowered.burst, lowered.daily_quota) == (5.0, 30, 200)
+    assert (kept.sustained_rate, kept.burst, kept.daily_quota) == (3, 3, 100)
+    assert untouched == off
+    assert errors.account_reads == 2  # read_quota off reads nothing
+    first, second = caplog.records
+    assert first.levelno == logging.WARNING  # lower than configured: say so
+    assert (first.sustained_rate, first.sustained_rate_from) == (5.0, "account MaxSendRate")  # type: ignore[attr-defined]
+    assert (first.daily_quota, first.daily_quota_from) == (200, "account Max24HourSend")  # type: ignore[attr-defined]
+    assert second.levelno == logging.INFO
+    assert second.sustained_rate_from == second.daily_quota_from == "configuration"  # type: ignore[attr-defined]
+    assert "testing" not in repr(vars(first))  # the credentials never reach the log
+
+
+async def test_send_quota_is_read(errors: FakeSesErrors) -> None:
     async with adapter(errors.url, read_quota=True) as provider:
         quota = await provider.send_quota()
     assert (quota.max_send_rate, quota.max_24_hour_send) == (14.0, 50000.0)
-    errors.quota["MaxSendRate"] = 5.0  # below the configured sustained_rate of 14
-    with pytest.raises(ConfigError, match=r"exceeds the SES account.s MaxSendRate 5\.0"):
-        async with adapter(errors.url, read_quota=True):
-            pass
+    assert quota.sent_last_24_hours == 10.0

@@ -59,6 +59,24 @@ async def test_sends_with_headers_and_a_stable_message_id_over_a_pool() -> None:
     assert sink.received[0].mail_from == "noreply@sluice.test"
 
 
+async def test_sluice_unsubscribe_replaces_a_message_own_list_unsubscribe() -> None:
+    # A client may set List-Unsubscribe; when Sluice has its own link for the message, two
+    # List-Unsubscribe headers would leave the mailbox guessing, so Sluice's is the one sent.
+    own = (("list-unsubscribe", "<mailto:stop@example.com>"), ("X-Campaign", "w"))
+    async with SmtpSink() as sink, adapter(sink.port) as provider:
+        await provider.send_batch(
+            [
+                email("a", headers=own, list_unsubscribe_url="https://sluice.test/u/a"),
+                email("b", headers=own),
+            ]
+        )
+    sent = {r.message["Message-ID"]: r.message for r in sink.received}
+    with_link, without = sent["<a@sluice.test>"], sent["<b@sluice.test>"]
+    assert with_link.get_all("List-Unsubscribe") == ["<https://sluice.test/u/a>"]
+    assert with_link["X-Campaign"] == "w"
+    assert without.get_all("List-Unsubscribe") == ["<mailto:stop@example.com>"]
+
+
 async def test_recipient_answers_map_to_outcomes() -> None:
     async with SmtpSink() as sink, adapter(sink.port) as provider:
         results = await provider.send_batch(

@@ -1,6 +1,7 @@
-"""The sender as wired by app.running, with Resend, SendGrid and SMTP providers pointed at
-their stand-ins, driven over a real gRPC channel: a providers file naming real kinds
-starts, sends and answers per message."""
+"""The sender as wired by app.running, with Resend, SendGrid, SMTP and SES providers pointed
+at their stand-ins, driven over a real gRPC channel: a providers file naming real kinds
+starts, sends and answers per message, and the limits SES's account allows are the ones
+applied."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from sluice.v1 import sender_pb2, sender_pb2_grpc
 from tests.conftest import REDIS_URL
 from tests.fakes.resend_fake import FakeResend
 from tests.fakes.sendgrid_fake import FakeSendGrid
+from tests.fakes.ses_fake import REGION, FakeSesErrors
 from tests.fakes.smtp_fake import SmtpSink
 
 PROVIDERS = """
@@ -134,3 +136,32 @@ async def test_a_missing_secret_stops_the_sender_at_start(
     with pytest.raises(ConfigError, match="provider 'resend': api_key: cannot read secret file"):
         async with app.running(settings, disabled(), port=0):
             pass
+
+
+async def test_ses_account_limits_seed_what_get_capacity_shows(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    async with FakeSesErrors() as ses:
+        ses.quota = {"Max24HourSend": 200.0, "MaxSendRate": 5.0, "SentLast24Hours": 0.0}
+        providers = tmp_path / "providers.toml"
+        providers.write_text(
+            "[[providers]]\n"
+            'name = "ses"\nkind = "ses"\ncost_per_thousand = 0.1\nintents = ["marketing"]\n'
+            "sustained_rate = 14\nburst = 30\n"
+            "[providers.settings]\n"
+            f'region = "{REGION}"\nendpoint_url = "{ses.url}"\nread_quota = true\n'
+            'access_key_id = "testing"\nsecret_access_key = "testing"\n'
+        )
+        settings = SenderSettings(
+            redis_url=REDIS_URL, redis_prefix=redis_prefix, providers_file=str(providers)
+        )
+        async with (
+            app.running(settings, disabled(), port=0) as handle,
+            grpc.aio.insecure_channel(f"127.0.0.1:{handle.port}") as channel,
+        ):
+            reply = await sender_pb2_grpc.SenderServiceStub(channel).GetCapacity(
+                sender_pb2.GetCapacityRequest(provider="ses")
+            )
+    [cap] = reply.providers
+    # Configured 14/s with no daily quota; the account allows 5/s and 200 a day.
+    assert (cap.sustained_rate, cap.burst, cap.daily_quota) == (5.0, 30, 200)

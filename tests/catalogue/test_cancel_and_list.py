@@ -167,7 +167,7 @@ async def test_the_recipient_query_uses_the_index_and_only_the_digest(
     sql = list_sql(
         recipient=True,
         campaign=False,
-        status=False,
+        status_is=None,
         after_time=False,
         before_time=False,
         cursor=False,
@@ -179,6 +179,28 @@ async def test_the_recipient_query_uses_the_index_and_only_the_digest(
     # each partition's copy of intents_recipient_created_idx, searched on the digest
     assert "Index Cond: (sluice_recipient_hash(recipient) = " in plan
     assert "@" not in sql
+
+
+async def test_every_listing_reads_indexes_in_order_leased_rows_included(
+    pg_pool: asyncpg.Pool,
+) -> None:
+    # The list indexes leave leased rows out (0010), so the statement must say
+    # "status <> 'leased'" for PostgreSQL to use them, and read leased rows apart.
+    from sluice.ingest.listing import list_sql
+
+    sql = list_sql(
+        recipient=False,
+        campaign=False,
+        status_is=None,
+        after_time=False,
+        before_time=False,
+        cursor=False,
+    )
+    async with pg_pool.acquire() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", 10))
+    assert "created_at_id_idx" in plan  # a partition's copy of intents_created_idx
+    assert "lease_expires_at_idx" in plan  # the leased rows, from the leased-expiry index
 
 
 @settings(

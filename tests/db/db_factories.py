@@ -22,6 +22,9 @@ def new_intent(
     deadline: timedelta = timedelta(hours=6),
     variables: dict[str, str] | None = None,
     traceparent: str | None = None,
+    reply_to: str | None = None,
+    headers: dict[str, str] | None = None,
+    tags: dict[str, str] | None = None,
 ) -> NewIntent:
     """A valid NewIntent with a fresh id; due one minute ago unless ``send_at`` says when."""
     start = send_at if send_at is not None else datetime.now(UTC) - timedelta(minutes=1)
@@ -38,4 +41,7 @@ def new_intent(
         send_at=start,
         deadline=start + deadline,
         traceparent=traceparent,
+        reply_to=reply_to,
+        headers=headers,
+        tags=tags,
     )

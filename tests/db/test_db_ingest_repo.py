@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sluice.common.errors import InvalidArgument
+from sluice.ingest import listing
 from sluice.ingest import repository as repo
 from sluice.ingest.repository import InsertOutcome, TemplateRow
 from tests.conftest import InsertTemplate
@@ -234,11 +235,40 @@ async def test_get_intent_returns_every_column(pg_pool: asyncpg.Pool, template: 
     assert await repo.get_intent(pg_pool, uuid.uuid4()) is None
 
 
+async def test_extras_are_stored_and_null_when_absent(pg_pool: asyncpg.Pool, template: str) -> None:
+    extras: dict[str, Any] = {
+        "reply_to": "help@example.com",
+        "headers": {"X-Campaign": "spring", "List-Id": "<news.example.com>"},
+        "tags": {"cohort": "b"},
+    }
+    rows = [new_intent("e1", **extras), new_intent("e2"), new_intent("e3", tags={"t": "1"})]
+    counting = CountingExecutor(pg_pool)
+    await repo.insert_intents(counting, rows)  # type: ignore[arg-type]
+    assert counting.statements == 1
+
+    got = [await repo.get_intent(pg_pool, r.id) for r in rows]
+    assert [(g.reply_to, g.headers, g.tags) for g in got if g is not None] == [
+        (extras["reply_to"], extras["headers"], extras["tags"]),
+        (None, None, None),
+        (None, None, {"t": "1"}),
+    ]
+    # Absent extras are SQL NULLs (not empty JSON), which keeps the common row narrow.
+    raw = await pg_pool.fetch(
+        "SELECT idempotency_key, reply_to IS NULL AS r, headers IS NULL AS h, tags IS NULL AS t"
+        " FROM intents ORDER BY idempotency_key"
+    )
+    assert [tuple(r) for r in raw] == [
+        ("e1", False, False, False),
+        ("e2", True, True, True),
+        ("e3", True, True, False),
+    ]
+
+
 async def list_all(pool: asyncpg.Pool, page: int, **filters: Any) -> list[repo.IntentRow]:
     out: list[repo.IntentRow] = []
     after = None
     while True:
-        rows = await repo.list_intents(pool, limit=page, after=after, **filters)
+        rows = await listing.list_intents(pool, limit=page, after=after, **filters)
         assert len(rows) <= page
         out.extend(rows)
         if len(rows) < page:
@@ -259,6 +289,13 @@ async def test_list_intents_pages_newest_first_without_gaps_or_repeats(
     await pg_pool.execute(
         "UPDATE intents SET status = 'sent' WHERE right(idempotency_key, 1) IN ('0', '5')"
     )
+    # Leased rows are outside the list indexes (0010): listings read them from the
+    # leased-expiry index and merge them in.
+    await pg_pool.execute(
+        "UPDATE intents SET status = 'leased', lease_id = gen_random_uuid(),"
+        " lease_expires_at = now() + interval '1 minute'"
+        " WHERE right(idempotency_key, 1) IN ('3', '7')"
+    )
     everything = await pg_pool.fetch(
         "SELECT id, campaign_id, status::text AS status FROM intents"
         " ORDER BY created_at DESC, id DESC"
@@ -275,18 +312,28 @@ async def test_list_intents_pages_newest_first_without_gaps_or_repeats(
     assert [r.id for r in sent] == [r["id"] for r in everything if r["status"] == "sent"]
     assert len(sent) == 12
 
+    leased = await list_all(pg_pool, 2, campaign_id=None, status="leased")
+    assert [r.id for r in leased] == [r["id"] for r in everything if r["status"] == "leased"]
+    assert len(leased) == 12  # keys 3, 7 and 13 of each of 4 batches
+
+    odd_leased = await list_all(pg_pool, 3, campaign_id="odd", status="leased")
+    assert [r.id for r in odd_leased] == [
+        r["id"] for r in everything if r["campaign_id"] == "odd" and r["status"] == "leased"
+    ]
+
     odd_pending = await list_all(pg_pool, 5, campaign_id="odd", status="pending")
     assert [r.id for r in odd_pending] == [
         r["id"] for r in everything if r["campaign_id"] == "odd" and r["status"] == "pending"
     ]
     assert (
-        await repo.list_intents(pg_pool, campaign_id="none", status=None, limit=5, after=None) == []
+        await listing.list_intents(pg_pool, campaign_id="none", status=None, limit=5, after=None)
+        == []
     )
 
 
 async def test_list_intents_rejects_bad_arguments(pg_pool: asyncpg.Pool) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        await repo.list_intents(pg_pool, campaign_id=None, status="lost", limit=0, after=None)
+        await listing.list_intents(pg_pool, campaign_id=None, status="lost", limit=0, after=None)
     assert {field for field, _ in caught.value.field_violations} == {"status", "limit"}
 
 

@@ -80,7 +80,7 @@ class FakeSendGrid(FakeHttpServer):
             headers = {
                 "X-RateLimit-Limit": str(self.requests_per_second),
                 "X-RateLimit-Remaining": str(remaining),
-                "X-RateLimit-Reset": str(int(time.time() + reset) + 1),
+                "X-RateLimit-Reset": str(round(time.time() + reset)),
             }
         if request.headers.get("Authorization") != f"Bearer {self.api_key}":
             return self._answer(

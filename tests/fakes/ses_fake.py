@@ -48,6 +48,7 @@ class FakeSesErrors(FakeHttpServer):
         super().__init__()
         self.answers: list[tuple[int, str, str]] = []  # (status, error type, message)
         self.quota = {"Max24HourSend": 50000.0, "MaxSendRate": 14.0, "SentLast24Hours": 10.0}
+        self.account_reads = 0
         self.app.router.add_post("/v2/email/outbound-emails", self._send)
         self.app.router.add_get("/v2/email/account", self._account)
 
@@ -62,4 +63,5 @@ class FakeSesErrors(FakeHttpServer):
         return await self.after(request, web.json_response({"MessageId": str(uuid.uuid4())}))
 
     async def _account(self, request: web.Request) -> web.StreamResponse:
+        self.account_reads += 1
         return web.json_response({"SendQuota": self.quota, "SendingEnabled": True})

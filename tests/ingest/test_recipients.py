@@ -10,7 +10,7 @@ from email_validator import EmailNotValidError, validate_email
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sluice.ingest.recipients import RecipientError, check_recipient
+from sluice.common.addresses import RecipientError, check_recipient
 
 # The kind of pattern the seed used: ASCII letters, digits and a few symbols only.
 NAIVE = re.compile(r"^[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}$")

@@ -17,12 +17,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from sluice.common.telemetry import Telemetry, disabled, setup_tracing
+from sluice.ingest.repository import insert_intents
 from sluice.router import repository
 from sluice.router.dispatch import Dispatcher, TemplateCache
 from sluice.router.health import HealthState, ProviderHealthTracker
 from sluice.router.settings import RouterSettings
 from sluice.v1 import sender_pb2_grpc
 from tests.conftest import InsertTemplate
+from tests.db.db_factories import new_intent
 from tests.router.router_fakes import (
     PROVIDERS,
     THROTTLE_RETRY_AFTER,
@@ -124,6 +126,26 @@ async def test_accepted_intent_is_sent_through_the_cheapest_provider(
     assert dispatcher.stats.sent["cheap"] == 2
     # Nothing is due any more: the next round leases nothing.
     assert (await dispatcher.run_round()).leased == 0
+
+
+async def test_submitted_extras_travel_on_each_message(
+    pg_pool: asyncpg.Pool, template: str, fake: FakeSender, make_dispatcher: MakeDispatcher
+) -> None:
+    extras = {"reply_to": "help@example.com", "headers": {"X-A": "1"}, "tags": {"cohort": "b"}}
+    rich, plain = (
+        new_intent("rich", recipient="ok1@example.com", **extras),
+        new_intent("plain", recipient="ok2@example.com"),
+    )
+    await insert_intents(pg_pool, [rich, plain])
+    assert (await make_dispatcher().run_round()).sent == 2
+    by_id = {m.intent_id: m for call in fake.calls for m in call.messages}
+    sent_rich, sent_plain = by_id[str(rich.id)], by_id[str(plain.id)]
+    assert (sent_rich.reply_to, dict(sent_rich.headers), dict(sent_rich.tags)) == (
+        "help@example.com",
+        {"X-A": "1"},
+        {"cohort": "b"},
+    )
+    assert (sent_plain.reply_to, dict(sent_plain.headers), dict(sent_plain.tags)) == ("", {}, {})
 
 
 async def test_throttled_goes_back_to_pending_later_without_an_attempt(

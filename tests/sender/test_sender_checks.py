@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import logging
 import random
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -137,6 +138,7 @@ def test_good_message_passes_and_each_bad_field_is_named() -> None:
         "X-A:",
         "",
         "X-\u00e9",
+        "X-A\n",  # "$" of the old pattern matched before a trailing newline
     ],
 )
 def test_structural_or_malformed_header_names_are_refused(name: str) -> None:
@@ -290,3 +292,22 @@ async def test_fuzz_10000_hostile_messages_inject_no_header(
     assert len(accepted) > 500, "the generator left almost nothing valid to send"
     injected = [sent[i] for i in accepted if _injected(*sent[i])]
     assert injected == []
+
+
+@pytest.mark.parametrize("domains", ["", "example.com"])
+async def test_a_sender_that_sends_any_from_domain_says_so_at_start(
+    domains: str, tmp_path: Path, redis_prefix: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    providers = tmp_path / "providers.toml"
+    providers.write_text(PROVIDERS)
+    settings = SenderSettings(
+        redis_url=REDIS_URL,
+        redis_prefix=redis_prefix,
+        providers_file=str(providers),
+        sender_from_domains=domains,
+    )
+    with caplog.at_level(logging.WARNING, logger="sluice.sender"):
+        async with app.running(settings, disabled(), port=0):
+            pass
+    warned = [r for r in caplog.records if "SLUICE_SENDER_FROM_DOMAINS" in r.getMessage()]
+    assert len(warned) == (0 if domains else 1)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/intent.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x95\x03\n\x10IntentSubmission\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12!\n\x06intent\x18\x04 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x13\n\x0btemplate_id\x18\x05 \x01(\t\x12=\n\tvariables\x18\x06 \x03(\x0b\x32*.sluice.v1.IntentSubmission.VariablesEntry\x12+\n\x07send_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\rsend_at_local\x18\t \x01(\x0b\x32\x18.sluice.v1.LocalDateTime\x12\x0b\n\x03run\x18\x14 \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rLocalDateTime\x12\x11\n\tdate_time\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\"\x94\x05\n\x0b\x45mailIntent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12!\n\x06intent\x18\x05 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x38\n\tvariables\x18\x07 \x03(\x0b\x32%.sluice.v1.EmailIntent.VariablesEntry\x12+\n\x07send_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\n \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x1b\n\x13provider_message_id\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03run\x18\x14 \x01(\t\x12\x10\n\x08smtputf8\x18\x15 \x01(\x08\x12\x14\n\x0croute_reason\x18\x11 \x01(\t\x12\x12\n\nroute_cost\x18\x12 \x01(\x01\x12\x10\n\x08held_for\x18\x13 \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd6\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x19.sluice.v1.FieldViolation\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".sluice.v1.ItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*c\n\x06Intent\x12\x16\n\x12INTENT_UNSPECIFIED\x10\x00\x12\x18\n\x14INTENT_TRANSACTIONAL\x10\x01\x12\x14\n\x10INTENT_MARKETING\x10\x02\x12\x11\n\rINTENT_DIGEST\x10\x03*\xc0\x02\n\x0cIntentStatus\x12\x1d\n\x19INTENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15INTENT_STATUS_PENDING\x10\x01\x12\x18\n\x14INTENT_STATUS_LEASED\x10\x02\x12\x16\n\x12INTENT_STATUS_SENT\x10\x03\x12\x1b\n\x17INTENT_STATUS_DELIVERED\x10\x04\x12\x19\n\x15INTENT_STATUS_BOUNCED\x10\x05\x12\x1c\n\x18INTENT_STATUS_COMPLAINED\x10\x06\x12\x18\n\x14INTENT_STATUS_FAILED\x10\x07\x12\x1b\n\x17INTENT_STATUS_CANCELLED\x10\x08\x12\x1c\n\x18INTENT_STATUS_SUPPRESSED\x10\t\x12\x19\n\x15INTENT_STATUS_EXPIRED\x10\nBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16sluice/v1/intent.proto\x12\tsluice.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xf4\x04\n\x10IntentSubmission\x12\x17\n\x0fidempotency_key\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x02 \x01(\t\x12\x11\n\trecipient\x18\x03 \x01(\t\x12!\n\x06intent\x18\x04 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x13\n\x0btemplate_id\x18\x05 \x01(\t\x12=\n\tvariables\x18\x06 \x03(\x0b\x32*.sluice.v1.IntentSubmission.VariablesEntry\x12+\n\x07send_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\rsend_at_local\x18\t \x01(\x0b\x32\x18.sluice.v1.LocalDateTime\x12\x0b\n\x03run\x18\x14 \x01(\t\x12\x10\n\x08reply_to\x18\x15 \x01(\t\x12\x39\n\x07headers\x18\x16 \x03(\x0b\x32(.sluice.v1.IntentSubmission.HeadersEntry\x12\x33\n\x04tags\x18\x17 \x03(\x0b\x32%.sluice.v1.IntentSubmission.TagsEntry\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"5\n\rLocalDateTime\x12\x11\n\tdate_time\x18\x01 \x01(\t\x12\x11\n\ttime_zone\x18\x02 \x01(\t\"\xe9\x06\n\x0b\x45mailIntent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x02 \x01(\t\x12\x13\n\x0b\x63\x61mpaign_id\x18\x03 \x01(\t\x12\x11\n\trecipient\x18\x04 \x01(\t\x12!\n\x06intent\x18\x05 \x01(\x0e\x32\x11.sluice.v1.Intent\x12\x13\n\x0btemplate_id\x18\x06 \x01(\t\x12\x38\n\tvariables\x18\x07 \x03(\x0b\x32%.sluice.v1.EmailIntent.VariablesEntry\x12+\n\x07send_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x06status\x18\n \x01(\x0e\x32\x17.sluice.v1.IntentStatus\x12\x10\n\x08provider\x18\x0b \x01(\t\x12\x1b\n\x13provider_message_id\x18\x0c \x01(\t\x12\x10\n\x08\x61ttempts\x18\r \x01(\x05\x12\x12\n\nlast_error\x18\x0e \x01(\t\x12/\n\x0b\x63reate_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bupdate_time\x18\x10 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0b\n\x03run\x18\x14 \x01(\t\x12\x10\n\x08smtputf8\x18\x15 \x01(\x08\x12\x10\n\x08reply_to\x18\x16 \x01(\t\x12\x34\n\x07headers\x18\x17 \x03(\x0b\x32#.sluice.v1.EmailIntent.HeadersEntry\x12.\n\x04tags\x18\x18 \x03(\x0b\x32 .sluice.v1.EmailIntent.TagsEntry\x12\x14\n\x0croute_reason\x18\x11 \x01(\t\x12\x12\n\nroute_cost\x18\x12 \x01(\x01\x12\x10\n\x08held_for\x18\x13 \x01(\t\x1a\x30\n\x0eVariablesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a+\n\tTagsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd6\x01\n\tItemError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x33\n\x10\x66ield_violations\x18\x03 \x03(\x0b\x32\x19.sluice.v1.FieldViolation\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x34\n\x08metadata\x18\x05 \x03(\x0b\x32\".sluice.v1.ItemError.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0e\x46ieldViolation\x12\r\n\x05\x66ield\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t*c\n\x06Intent\x12\x16\n\x12INTENT_UNSPECIFIED\x10\x00\x12\x18\n\x14INTENT_TRANSACTIONAL\x10\x01\x12\x14\n\x10INTENT_MARKETING\x10\x02\x12\x11\n\rINTENT_DIGEST\x10\x03*\xc0\x02\n\x0cIntentStatus\x12\x1d\n\x19INTENT_STATUS_UNSPECIFIED\x10\x00\x12\x19\n\x15INTENT_STATUS_PENDING\x10\x01\x12\x18\n\x14INTENT_STATUS_LEASED\x10\x02\x12\x16\n\x12INTENT_STATUS_SENT\x10\x03\x12\x1b\n\x17INTENT_STATUS_DELIVERED\x10\x04\x12\x19\n\x15INTENT_STATUS_BOUNCED\x10\x05\x12\x1c\n\x18INTENT_STATUS_COMPLAINED\x10\x06\x12\x18\n\x14INTENT_STATUS_FAILED\x10\x07\x12\x1b\n\x17INTENT_STATUS_CANCELLED\x10\x08\x12\x1c\n\x18INTENT_STATUS_SUPPRESSED\x10\t\x12\x19\n\x15INTENT_STATUS_EXPIRED\x10\nBC\n\rdev.sluice.v1P\x01Z$sluice.dev/gen/go/sluice/v1;sluicev1\xaa\x02\tSluice.V1b\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,28 +35,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['DESCRIPTOR']._serialized_options = b'\n\rdev.sluice.v1P\001Z$sluice.dev/gen/go/sluice/v1;sluicev1\252\002\tSluice.V1'
   _globals['_INTENTSUBMISSION_VARIABLESENTRY']._loaded_options = None
   _globals['_INTENTSUBMISSION_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_INTENTSUBMISSION_HEADERSENTRY']._loaded_options = None
+  _globals['_INTENTSUBMISSION_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_INTENTSUBMISSION_TAGSENTRY']._loaded_options = None
+  _globals['_INTENTSUBMISSION_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_EMAILINTENT_VARIABLESENTRY']._loaded_options = None
   _globals['_EMAILINTENT_VARIABLESENTRY']._serialized_options = b'8\001'
+  _globals['_EMAILINTENT_HEADERSENTRY']._loaded_options = None
+  _globals['_EMAILINTENT_HEADERSENTRY']._serialized_options = b'8\001'
+  _globals['_EMAILINTENT_TAGSENTRY']._loaded_options = None
+  _globals['_EMAILINTENT_TAGSENTRY']._serialized_options = b'8\001'
   _globals['_ITEMERROR_METADATAENTRY']._loaded_options = None
   _globals['_ITEMERROR_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_INTENT']._serialized_start=1467
-  _globals['_INTENT']._serialized_end=1566
-  _globals['_INTENTSTATUS']._serialized_start=1569
-  _globals['_INTENTSTATUS']._serialized_end=1889
+  _globals['_INTENT']._serialized_start=1903
+  _globals['_INTENT']._serialized_end=2002
+  _globals['_INTENTSTATUS']._serialized_start=2005
+  _globals['_INTENTSTATUS']._serialized_end=2325
   _globals['_INTENTSUBMISSION']._serialized_start=71
-  _globals['_INTENTSUBMISSION']._serialized_end=476
-  _globals['_INTENTSUBMISSION_VARIABLESENTRY']._serialized_start=428
-  _globals['_INTENTSUBMISSION_VARIABLESENTRY']._serialized_end=476
-  _globals['_LOCALDATETIME']._serialized_start=478
-  _globals['_LOCALDATETIME']._serialized_end=531
-  _globals['_EMAILINTENT']._serialized_start=534
-  _globals['_EMAILINTENT']._serialized_end=1194
-  _globals['_EMAILINTENT_VARIABLESENTRY']._serialized_start=428
-  _globals['_EMAILINTENT_VARIABLESENTRY']._serialized_end=476
-  _globals['_ITEMERROR']._serialized_start=1197
-  _globals['_ITEMERROR']._serialized_end=1411
-  _globals['_ITEMERROR_METADATAENTRY']._serialized_start=1364
-  _globals['_ITEMERROR_METADATAENTRY']._serialized_end=1411
-  _globals['_FIELDVIOLATION']._serialized_start=1413
-  _globals['_FIELDVIOLATION']._serialized_end=1465
+  _globals['_INTENTSUBMISSION']._serialized_end=699
+  _globals['_INTENTSUBMISSION_VARIABLESENTRY']._serialized_start=558
+  _globals['_INTENTSUBMISSION_VARIABLESENTRY']._serialized_end=606
+  _globals['_INTENTSUBMISSION_HEADERSENTRY']._serialized_start=608
+  _globals['_INTENTSUBMISSION_HEADERSENTRY']._serialized_end=654
+  _globals['_INTENTSUBMISSION_TAGSENTRY']._serialized_start=656
+  _globals['_INTENTSUBMISSION_TAGSENTRY']._serialized_end=699
+  _globals['_LOCALDATETIME']._serialized_start=701
+  _globals['_LOCALDATETIME']._serialized_end=754
+  _globals['_EMAILINTENT']._serialized_start=757
+  _globals['_EMAILINTENT']._serialized_end=1630
+  _globals['_EMAILINTENT_VARIABLESENTRY']._serialized_start=558
+  _globals['_EMAILINTENT_VARIABLESENTRY']._serialized_end=606
+  _globals['_EMAILINTENT_HEADERSENTRY']._serialized_start=608
+  _globals['_EMAILINTENT_HEADERSENTRY']._serialized_end=654
+  _globals['_EMAILINTENT_TAGSENTRY']._serialized_start=656
+  _globals['_EMAILINTENT_TAGSENTRY']._serialized_end=699
+  _globals['_ITEMERROR']._serialized_start=1633
+  _globals['_ITEMERROR']._serialized_end=1847
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_start=1800
+  _globals['_ITEMERROR_METADATAENTRY']._serialized_end=1847
+  _globals['_FIELDVIOLATION']._serialized_start=1849
+  _globals['_FIELDVIOLATION']._serialized_end=1901
 # @@protoc_insertion_point(module_scope)

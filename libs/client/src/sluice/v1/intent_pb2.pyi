@@ -128,6 +128,46 @@ class IntentSubmission(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
     RECIPIENT_FIELD_NUMBER: _builtins.int
@@ -138,6 +178,9 @@ class IntentSubmission(_message.Message):
     DEADLINE_FIELD_NUMBER: _builtins.int
     SEND_AT_LOCAL_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     idempotency_key: _builtins.str
     """The same key always names the same intent: a retry with the same key and
     payload returns the existing intent; a different payload is an error
@@ -155,6 +198,11 @@ class IntentSubmission(_message.Message):
     run: _builtins.str
     """The occurrence of a recurring campaign (for example "2026-W49"): next week's
     run of the same campaign is new mail, a retry of this week's is not.
+    """
+    reply_to: _builtins.str
+    """Reply-To of the message: one bare address (no display name), checked like recipient
+    and stored in ASCII form (an internationalised domain as IDNA); an address whose local
+    part is not ASCII is refused, since no provider could carry it in every case.
     """
     @_builtins.property
     def variables(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
@@ -176,6 +224,21 @@ class IntentSubmission(_message.Message):
     def send_at_local(self) -> Global___LocalDateTime:
         """Earliest time to send as a wall-clock time in a time zone; ingest converts it to UTC."""
 
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Extra headers of the message. Names: X-* (not X-Original-To, X-Forwarded-To, X-Sender,
+        X-Envelope-To) or one of List-Unsubscribe, List-Unsubscribe-Post, List-Id, List-Help,
+        Feedback-ID, Precedence, Auto-Submitted; case-insensitively unique. Values: one line,
+        no control characters, no RFC 2047 encoded words. Limits in the README.
+        """
+
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Tags passed to the provider's own field (SES message tags, SendGrid custom_args, Resend
+        tags), so its events carry them. Names and values: 1-256 ASCII letters, digits, '_' or
+        '-' (what SES accepts); at most 10; names starting "sluice_" are reserved.
+        """
+
     def __init__(
         self,
         *,
@@ -189,10 +252,13 @@ class IntentSubmission(_message.Message):
         deadline: _timestamp_pb2.Timestamp | None = ...,
         send_at_local: Global___LocalDateTime | None = ...,
         run: _builtins.str = ...,
+        reply_to: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline", "send_at", b"send_at", "send_at_local", b"send_at_local"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "run", b"run", "send_at", b"send_at", "send_at_local", b"send_at_local", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["campaign_id", b"campaign_id", "deadline", b"deadline", "headers", b"headers", "idempotency_key", b"idempotency_key", "intent", b"intent", "recipient", b"recipient", "reply_to", b"reply_to", "run", b"run", "send_at", b"send_at", "send_at_local", b"send_at_local", "tags", b"tags", "template_id", b"template_id", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -253,6 +319,46 @@ class EmailIntent(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class HeadersEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class TagsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     ID_FIELD_NUMBER: _builtins.int
     IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     CAMPAIGN_ID_FIELD_NUMBER: _builtins.int
@@ -271,6 +377,9 @@ class EmailIntent(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RUN_FIELD_NUMBER: _builtins.int
     SMTPUTF8_FIELD_NUMBER: _builtins.int
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    HEADERS_FIELD_NUMBER: _builtins.int
+    TAGS_FIELD_NUMBER: _builtins.int
     ROUTE_REASON_FIELD_NUMBER: _builtins.int
     ROUTE_COST_FIELD_NUMBER: _builtins.int
     HELD_FOR_FIELD_NUMBER: _builtins.int
@@ -296,6 +405,8 @@ class EmailIntent(_message.Message):
     """True when the recipient address needs SMTPUTF8 (an internationalised local
     part): only providers that can take it are used.
     """
+    reply_to: _builtins.str
+    """As submitted (reply_to in its stored ASCII form); empty when none was given."""
     route_reason: _builtins.str
     """Why the router chose `provider` for the latest attempt; empty until routed."""
     route_cost: _builtins.float
@@ -315,6 +426,10 @@ class EmailIntent(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def headers(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def tags(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
         self,
         *,
@@ -336,13 +451,16 @@ class EmailIntent(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         run: _builtins.str = ...,
         smtputf8: _builtins.bool = ...,
+        reply_to: _builtins.str = ...,
+        headers: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        tags: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         route_reason: _builtins.str = ...,
         route_cost: _builtins.float = ...,
         held_for: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deadline", b"deadline", "send_at", b"send_at", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "held_for", b"held_for", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "route_cost", b"route_cost", "route_reason", b"route_reason", "run", b"run", "send_at", b"send_at", "smtputf8", b"smtputf8", "status", b"status", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "campaign_id", b"campaign_id", "create_time", b"create_time", "deadline", b"deadline", "headers", b"headers", "held_for", b"held_for", "id", b"id", "idempotency_key", b"idempotency_key", "intent", b"intent", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "reply_to", b"reply_to", "route_cost", b"route_cost", "route_reason", b"route_reason", "run", b"run", "send_at", b"send_at", "smtputf8", b"smtputf8", "status", b"status", "tags", b"tags", "template_id", b"template_id", "update_time", b"update_time", "variables", b"variables"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -12,13 +12,11 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 import asyncpg
 
 from sluice.common.db import Executor, db_boundary
-from sluice.common.errors import InvalidArgument
 from sluice.common.templates import TemplateRow, get_templates, upsert_template
 
 __all__ = [
@@ -31,7 +29,6 @@ __all__ = [
     "get_intent",
     "get_templates",
     "insert_intents",
-    "list_intents",
     "upsert_template",
 ]
 
@@ -53,6 +50,7 @@ MAX_LIST_LIMIT = 10_000  # a guard against runaway pages; the API caps lower
 
 # One statement for the whole batch. Arrays travel as one parameter each; variables go as
 # JSON text and are cast here, which keeps the statement independent of the jsonb codec.
+# reply_to, headers and tags are NULL when absent (most intents), which keeps rows narrow.
 # due_at starts at send_at: that is when a router may first lease the intent.
 #
 # Idempotency is global although intents is partitioned by month (0005_catalogue.sql): the
@@ -65,9 +63,10 @@ WITH u AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::text[], $3::bytea[], $4::text[], $5::text[], $6::text[], $7::int2[],
         $8::text[], $9::text[], $10::timestamptz[], $11::timestamptz[], $12::text[],
-        $13::text[], $14::bool[]
+        $13::text[], $14::bool[], $15::text[], $16::text[], $17::text[]
     ) AS u(id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-           template_id, variables, send_at, deadline, traceparent, run, smtputf8)
+           template_id, variables, send_at, deadline, traceparent, run, smtputf8,
+           reply_to, headers, tags)
 ), claimed AS (
     INSERT INTO intent_keys (idempotency_key, intent_id, payload_hash, created_at)
     SELECT idempotency_key, id, payload_hash, now() FROM u
@@ -76,11 +75,13 @@ WITH u AS (
 )
 INSERT INTO intents (
     id, idempotency_key, payload_hash, campaign_id, recipient, kind, priority,
-    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8
+    template_id, variables, send_at, deadline, due_at, traceparent, created_at, run, smtputf8,
+    reply_to, headers, tags
 )
 SELECT u.id, u.idempotency_key, u.payload_hash, u.campaign_id, u.recipient,
        u.kind::intent_kind, u.priority, u.template_id, u.variables::jsonb,
-       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8
+       u.send_at, u.deadline, u.send_at, u.traceparent, now(), u.run, u.smtputf8,
+       u.reply_to, u.headers::jsonb, u.tags::jsonb
 FROM u JOIN claimed ON claimed.intent_id = u.id
 RETURNING id
 """
@@ -96,33 +97,10 @@ _INTENT_COLUMNS = """
     id, idempotency_key, campaign_id, recipient, kind::text AS kind, priority, template_id,
     variables, send_at, deadline, due_at, status::text AS status, provider,
     provider_message_id, attempts, last_error, traceparent, created_at, updated_at, run,
-    smtputf8, route_reason, route_cost, held_for
+    smtputf8, route_reason, route_cost, held_for, reply_to, headers, tags
 """
 
 GET_INTENT_SQL = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE id = $1"
-
-# ListIntents: newest first, keyset pagination on (created_at, id). One constant per filter
-# shape rather than "($3 IS NULL OR campaign_id = $3)": asyncpg prepares statements, and a
-# generic plan for the OR-NULL form cannot use the campaign index. The row comparison is an
-# index condition on either (..., created_at DESC, id DESC) index (checked with EXPLAIN on
-# generic plans). The status filter is applied on top of the index order.
-_LIST_HEAD = f"SELECT {_INTENT_COLUMNS} FROM intents WHERE "
-_STATUS = "($2::text IS NULL OR status = $2::text::intent_status)"
-_ORDER = " ORDER BY created_at DESC, id DESC LIMIT $1"
-# $1 limit, $2 status, then the campaign and/or the cursor.
-LIST_INTENTS_SQL = _LIST_HEAD + _STATUS + _ORDER
-LIST_INTENTS_AFTER_SQL = (
-    _LIST_HEAD + _STATUS + " AND (created_at, id) < ($3::timestamptz, $4::uuid)" + _ORDER
-)
-LIST_CAMPAIGN_INTENTS_SQL = _LIST_HEAD + "campaign_id = $3 AND " + _STATUS + _ORDER
-LIST_CAMPAIGN_INTENTS_AFTER_SQL = (
-    _LIST_HEAD
-    + "campaign_id = $3 AND "
-    + _STATUS
-    + " AND (created_at, id) < ($4::timestamptz, $5::uuid)"
-    + _ORDER
-)
-
 
 # A conflicting key whose row vanished before we read it (only a retention purge could do
 # that) sends the key around again; more rounds than this means something is badly wrong.
@@ -154,6 +132,10 @@ class NewIntent:
     traceparent: str | None
     run: str = ""
     smtputf8: bool = False
+    # checked extras (sluice.ingest.extras); None when not given
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
+    tags: dict[str, str] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,6 +190,11 @@ class IntentRow:
     route_cost: float | None = None
     held_for: str | None = None
 
+    # submitted extras (migration 0007); None when not given
+    reply_to: str | None = None
+    headers: dict[str, str] | None = None
+    tags: dict[str, str] | None = None
+
 
 def _json_text(variables: Mapping[str, str]) -> str:
     return json.dumps(variables, separators=(",", ":"), ensure_ascii=False)
@@ -255,6 +242,9 @@ async def insert_intents(pool: Executor, rows: Sequence[NewIntent]) -> list[Inse
             [r.traceparent for r in todo],
             [r.run for r in todo],
             [r.smtputf8 for r in todo],
+            [r.reply_to for r in todo],
+            [None if r.headers is None else _json_text(r.headers) for r in todo],
+            [None if r.tags is None else _json_text(r.tags) for r in todo],
         )
         inserted_ids = {rec["id"] for rec in inserted}
         skipped: list[NewIntent] = []
@@ -315,6 +305,9 @@ def _intent_row(rec: asyncpg.Record) -> IntentRow:
         route_reason=rec["route_reason"],
         route_cost=rec["route_cost"],
         held_for=rec["held_for"],
+        reply_to=rec["reply_to"],
+        headers=rec["headers"],
+        tags=rec["tags"],
     )
 
 
@@ -323,39 +316,3 @@ async def get_intent(pool: Executor, intent_id: UUID) -> IntentRow | None:
     """Return the intent with this id, or None."""
     rec = await pool.fetchrow(GET_INTENT_SQL, intent_id)
     return None if rec is None else _intent_row(rec)
-
-
-@db_boundary
-async def list_intents(
-    pool: Executor,
-    *,
-    campaign_id: str | None,
-    status: str | None,
-    limit: int,
-    after: tuple[datetime, UUID] | None,
-) -> list[IntentRow]:
-    """Return up to ``limit`` intents, newest first (``created_at DESC, id DESC``).
-
-    ``after`` is the ``(created_at, id)`` of the last row of the previous page; pages are
-    stable under concurrent inserts (new rows sort before the cursor, never into a later
-    page). ``status`` filters on top of the index order, so a rare status over a huge
-    unfiltered range reads many rows; give a campaign where you can. Raises InvalidArgument
-    for an unknown status or a limit outside 1..MAX_LIST_LIMIT.
-    """
-    violations: list[tuple[str, str]] = []
-    if status is not None and status not in INTENT_STATUSES:
-        violations.append(("status", f"unknown status {status!r}"))
-    if not 1 <= limit <= MAX_LIST_LIMIT:
-        violations.append(("limit", f"must be between 1 and {MAX_LIST_LIMIT}"))
-    if violations:
-        raise InvalidArgument("invalid intent listing", violations)
-
-    args: list[Any] = [limit, status]
-    if campaign_id is None:
-        sql = LIST_INTENTS_SQL if after is None else LIST_INTENTS_AFTER_SQL
-    else:
-        sql = LIST_CAMPAIGN_INTENTS_SQL if after is None else LIST_CAMPAIGN_INTENTS_AFTER_SQL
-        args.append(campaign_id)
-    if after is not None:
-        args.extend(after)
-    return [_intent_row(rec) for rec in await pool.fetch(sql, *args)]

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 import asyncpg
 import grpc
 
+from sluice.common.addresses import RecipientError, check_recipient
 from sluice.common.errors import InvalidArgument, NotFound, SluiceError
 from sluice.common.metrics import disabled_metrics
 from sluice.common.model import KIND_TO_PROTO, PROTO_TO_STATUS, STATUS_TO_PROTO, to_timestamp
@@ -22,7 +23,6 @@ from sluice.ingest.admission import Admission
 from sluice.ingest.coalesce import InsertCoalescer
 from sluice.ingest.metrics import IngestMetrics
 from sluice.ingest.paging import decode_page_token, encode_page_token, filter_fingerprint
-from sluice.ingest.recipients import RecipientError, check_recipient
 from sluice.ingest.repository import InsertOutcome, IntentRow, NewIntent
 from sluice.ingest.settings import IngestSettings
 from sluice.ingest.submit import Submitter, db_call
@@ -64,6 +64,9 @@ def intent_to_proto(row: IntentRow) -> intent_pb2.EmailIntent:
         route_reason=row.route_reason or "",
         route_cost=row.route_cost or 0.0,
         held_for=row.held_for or "",
+        reply_to=row.reply_to or "",
+        headers=row.headers,
+        tags=row.tags,
     )
     for name, value in (
         ("send_at", row.send_at),
@@ -103,6 +106,9 @@ def _new_to_proto(
             updated_at=created_at,
             run=row.run,
             smtputf8=row.smtputf8,
+            reply_to=row.reply_to,
+            headers=row.headers,
+            tags=row.tags,
         )
     )
 

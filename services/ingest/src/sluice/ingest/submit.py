@@ -28,13 +28,8 @@ from sluice.common.errors import (
 from sluice.common.templates import TemplateCache
 from sluice.ingest import suppression_repository
 from sluice.ingest.repository import InsertOutcome, NewIntent, TemplateRow
-from sluice.ingest.validation import (
-    _UNSAFE_LINE,
-    MAX_TEMPLATE_ID_LENGTH,
-    Policy,
-    quote,
-    validate_submission,
-)
+from sluice.ingest.validation import MAX_TEMPLATE_ID_LENGTH, Policy, validate_submission
+from sluice.ingest.violations import UNSAFE_LINE, quote
 from sluice.v1 import ingest_pb2, intent_pb2
 
 T = TypeVar("T")
@@ -100,7 +95,7 @@ def _lookup_ids(subs: Sequence[intent_pb2.IntentSubmission]) -> set[str]:
         for s in subs
         if s.template_id
         and len(s.template_id) <= MAX_TEMPLATE_ID_LENGTH
-        and not _UNSAFE_LINE.search(s.template_id)
+        and not UNSAFE_LINE.search(s.template_id)
     }
 
 

@@ -60,6 +60,9 @@ def _message(intent: LeasedIntent, traceparent: str) -> sender_pb2.OutboundMessa
         # key needs.
         idempotency_key=intent_id,
         traceparent=traceparent,
+        reply_to=intent.reply_to or "",
+        headers=intent.headers,
+        tags=intent.tags,
     )
 
 

@@ -4,6 +4,7 @@ of its Service."""
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ from sluice.common.service import Service
 from sluice.common.telemetry import Telemetry
 from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
-from sluice.sender.providers import EmailProvider, build_adapters
+from sluice.sender.providers import EmailProvider, account_limits, build_adapters
 from sluice.sender.ratelimit import RateLimiter
 from sluice.sender.render_pool import RenderPool, render_budget
 from sluice.sender.service import SenderServicer
@@ -25,6 +26,7 @@ from sluice.sender.settings import SenderSettings
 from sluice.v1 import sender_pb2, sender_pb2_grpc
 
 SERVICE_NAME = sender_pb2.DESCRIPTOR.services_by_name["SenderService"].full_name
+log = logging.getLogger("sluice.sender")
 
 
 @dataclass(frozen=True)
@@ -41,13 +43,13 @@ async def open_resources(
     settings: SenderSettings, stack: contextlib.AsyncExitStack
 ) -> SenderResources:
     """Opens Redis, every provider's adapter and the render workers on ``stack`` (closed in
-    reverse)."""
-    providers = {p.name: p for p in load_providers(settings.providers_file)}
+    reverse). Limits an adapter reads from its provider's account lower the configured
+    ones (``account_limits``)."""
+    configured = load_providers(settings.providers_file)
     redis = await create_redis(settings.require_redis())
     stack.push_async_callback(redis.aclose)
-    adapters = await build_adapters(
-        providers.values(), stack, redis=redis, prefix=settings.redis_prefix
-    )
+    adapters = await build_adapters(configured, stack, redis=redis, prefix=settings.redis_prefix)
+    providers = await account_limits(configured, adapters)
     render_pool = RenderPool(settings.render_workers, render_budget(settings))
     stack.push_async_callback(render_pool.aclose)
     await render_pool.start()
@@ -82,6 +84,11 @@ def build(
         render_pool=resources.render_pool,
         checks=MessageChecks(settings.from_domains()),
     )
+    if not settings.from_domains():
+        log.warning(
+            "any from-address domain is sent (SLUICE_SENDER_FROM_DOMAINS is not set): a "
+            "caller of SendBatch can send as any domain the provider accounts are verified for"
+        )
     sender_pb2_grpc.add_SenderServiceServicer_to_server(servicer, grpc_listener.server)
     return service
 

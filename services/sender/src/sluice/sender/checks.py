@@ -6,54 +6,38 @@ header value of a message is checked here, once, right before the message would 
 to a provider; a refused message gets a permanent result naming the field and is never
 sent. The rules:
 
-- Recipient: one bare address (no display name), valid per email-validator, internationalised
-  addresses allowed.
+- Recipient: one bare address (no display name), valid by the rule ingest applies
+  (:func:`sluice.common.addresses.check_recipient`: email-validator in strict mode, with its
+  proven fast path for plain ASCII addresses), internationalised addresses allowed.
 - From and reply-to: one address, optionally with a display name; the from-address's domain
   must be one of ``from_domains`` when that list is set (otherwise anyone able to call the
   sender could send as any domain the provider account is verified for).
 - Every header value (subject after rendering, from, reply-to, recipient, custom headers, tags,
-  the intent id and idempotency key, which adapters put into headers and tags): no control
-  characters at all (C0, DEL, C1) and no Unicode line or paragraph separators, since mail and
-  HTTP libraries split lines on more than CR/LF; and no RFC 2047 encoded words, which mail
-  libraries decode (CR/LF included) before writing the header out. Values are length-capped.
-- Custom header names: RFC 5322 field-name characters only, ``X-`` headers plus a short
-  allow-list; never one that changes who receives the message or who it claims to be from.
+  the intent id and idempotency key, which adapters put into headers and tags): the rules of
+  ``sluice.common.headers`` (no control characters, line separators or RFC 2047 encoded
+  words), and length caps.
+- Custom header names: ``X-*`` plus the short allow-list of ``sluice.common.headers``, the
+  same definition ingest checks submissions against.
 """
 
 from __future__ import annotations
 
-import re
+import functools
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from email_validator import EmailNotValidError, validate_email
 
-# Characters a header value may never carry: every C0 control but TAB, DEL, every C1
-# control (NEL U+0085 among them), and the Unicode line/paragraph separators.
-_FORBIDDEN = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
-# An RFC 2047 encoded word. Mail libraries decode these when they parse a header value and
-# re-encode on output: Python's email package turned "=?utf-8?q?=0D=0ABcc:_x?=" in a
-# custom header into a real CR LF Bcc line at the SMTP sink (found by the provider fuzz
-# test). Values are Unicode here, so nobody needs to pre-encode; adapters encode.
-# Matched loosely (any "=?" ... "?="): the parser decoded words with spaces inside too.
-_ENCODED_WORD = re.compile(r"=\?.*\?=")
-# RFC 5322 field-name: printable US-ASCII except colon.
-_HEADER_NAME = re.compile(r"^[!-9;-~]{1,76}$")
-_ALLOWED_HEADERS = frozenset(
-    {
-        "list-unsubscribe",
-        "list-unsubscribe-post",
-        "list-id",
-        "list-help",
-        "feedback-id",
-        "precedence",
-        "auto-submitted",
-        "x-entity-ref-id",
-    }
+from sluice.common.addresses import RecipientError, check_recipient
+from sluice.common.headers import (
+    MAX_HEADER_VALUE,
+    forbidden_character,
+    has_encoded_word,
+    header_allowed,
+    is_field_name,
 )
-_NEVER_X = frozenset({"x-original-to", "x-forwarded-to", "x-sender", "x-envelope-to"})
+
 MAX_SUBJECT = 998  # RFC 5322's line limit; a longer subject is folded noise
-MAX_HEADER_VALUE = 2000
 MAX_ID = 256  # Resend's Idempotency-Key limit, and plenty for an intent id
 
 
@@ -113,12 +97,12 @@ class MessageChecks:
             raise Refused("intent_id: required")
         header_value("intent_id", intent_id, MAX_ID)
         header_value("idempotency_key", idempotency_key, MAX_ID)
-        address("recipient", recipient, display_name=False)
-        domain = address("from_address", from_address, display_name=True)
+        bare_address("recipient", recipient)
+        domain = named_address("from_address", from_address)
         if self.from_domains and domain not in self.from_domains:
             raise Refused(f"from_address: domain {domain!r} is not one this sender may send from")
         if reply_to:
-            address("reply_to", reply_to, display_name=True)
+            named_address("reply_to", reply_to)
         header_value("subject", subject, MAX_SUBJECT)
         for name, value in headers:
             header_name(name)
@@ -130,10 +114,10 @@ class MessageChecks:
 
 def header_value(field: str, value: str, limit: int) -> None:
     """Refuses control characters, line separators and values longer than ``limit``."""
-    bad = _FORBIDDEN.search(value)
+    bad = forbidden_character(value)
     if bad is not None:
-        raise Refused(f"{field}: contains the control character U+{ord(bad.group()):04X}")
-    if _ENCODED_WORD.search(value):
+        raise Refused(f"{field}: contains the control character U+{ord(bad):04X}")
+    if has_encoded_word(value):
         raise Refused(f"{field}: contains an RFC 2047 encoded word (=?charset?q?...?=)")
     if len(value) > limit:
         raise Refused(f"{field}: longer than {limit} characters")
@@ -141,26 +125,46 @@ def header_value(field: str, value: str, limit: int) -> None:
 
 def header_name(name: str) -> None:
     """Refuses malformed names and any header outside ``X-*`` and the allow-list."""
-    if not _HEADER_NAME.match(name):
+    if not is_field_name(name):
         raise Refused(f"headers: {name!r} is not a valid header name")
-    lower = name.lower()
-    if lower in _NEVER_X or not (lower.startswith("x-") or lower in _ALLOWED_HEADERS):
+    if not header_allowed(name):
         raise Refused(f"headers: {name!r} may not be set by a message")
 
 
-def address(field: str, value: str, *, display_name: bool) -> str:
-    """Validates one address (and display name where allowed); returns its lower-cased
-    ASCII domain."""
+def bare_address(field: str, value: str) -> None:
+    """Validates one bare address (no display name) by ingest's recipient rule."""
     if not value:
         raise Refused(f"{field}: required")
     header_value(field, value, MAX_HEADER_VALUE)
+    try:
+        check_recipient(value)
+    except RecipientError as exc:
+        raise Refused(f"{field}: {exc}") from exc
+
+
+def named_address(field: str, value: str) -> str:
+    """Validates one address with an optional display name; returns its lower-cased ASCII
+    domain."""
+    if not value:
+        raise Refused(f"{field}: required")
+    header_value(field, value, MAX_HEADER_VALUE)
+    domain, refusal = _named_address(value)
+    if refusal is not None:
+        raise Refused(f"{field}: {refusal}")
+    return domain
+
+
+@functools.lru_cache(maxsize=1024)
+def _named_address(value: str) -> tuple[str, str | None]:
+    """(ASCII domain, None) for a valid address, or ("", why not). Cached: a batch's from
+    and reply-to addresses are the same for every message of it."""
     try:
         result = validate_email(
             value,
             check_deliverability=False,
             allow_smtputf8=True,
-            allow_display_name=display_name,
+            allow_display_name=True,
         )
     except EmailNotValidError as exc:
-        raise Refused(f"{field}: {exc}") from exc
-    return str(result.ascii_domain).lower()
+        return "", str(exc)
+    return str(result.ascii_domain).lower(), None

@@ -4,8 +4,10 @@ What is limited, per provider (``ProviderConfig``; 0 turns a limit off):
 
 - messages: ``sustained_rate`` per second over time (a token bucket holding at most
   ``burst``) and at most ``burst`` in any one second (an exact sliding window of grants);
-- API requests: ``requests_per_second`` and ``request_burst``, the same two shapes, where a
-  batch of up to ``per_request`` messages (the adapter's batch size) is one request;
+- API requests: ``requests_per_second`` and ``request_burst``, the same two shapes. The
+  caller passes the request shape itself (``acquire(provider, requests)``: how many
+  messages each planned provider call carries, as the adapter would split them), so a
+  reservation counts exactly the calls that will be made;
 - ``daily_quota`` messages in any rolling 24 hours (hour buckets, so counts leave up to an
   hour late: never over, sometimes a little under).
 
@@ -21,8 +23,11 @@ with someone else), the servicer calls ``report_throttled``. The provider's effe
 and bursts are scaled by a factor kept in Redis, so every replica slows down together: it
 halves at most once per ``cut_cooldown`` and recovers linearly by ``recovery_per_second``
 (AIMD), so the cluster settles just below the real limit without a configuration change.
-The provider's retry-after pauses every replica until then, and a request rate the provider
-publishes in headers caps the configured one for an hour.
+The provider's retry-after pauses every replica until then. What a provider announces in
+its headers, accepted answers included, is reported with ``throttled=False``: a request
+rate caps the configured request rate (and its whole requests per second the request
+burst) for an hour, and a window with nothing left pauses every replica until it resets;
+neither touches the factor, and neither does a used-up quota, which only pauses.
 
 Redis unreachable: ``acquire`` raises ``Unavailable`` and nothing is sent (fail closed);
 redis-py reconnects on the next call, so sending resumes by itself when Redis is back.
@@ -37,8 +42,9 @@ Keys (all with the ``{provider}`` hash tag, so one script touches one Redis Clus
 
 from __future__ import annotations
 
-import math
 import random
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -53,6 +59,9 @@ _MICROS = 1_000_000
 # What a caller is told to wait while Redis is unreachable: short, since redis-py reconnects
 # on the next call and sending should resume within seconds of Redis coming back.
 REDIS_DOWN_RETRY_SECONDS = 1.0
+# A process re-writes a published rate it already wrote (unchanged) at most this often, so
+# announcing headers on every answer costs no Redis call per batch; the rate lasts an hour.
+PUBLISHED_REFRESH_SECONDS = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +73,6 @@ class Limits:
     requests_per_second: float = 0.0
     request_burst: int = 0
     daily_quota: int = 0
-    per_request: int = 1
 
     @classmethod
     def of(cls, config: ProviderConfig) -> Limits:
@@ -75,7 +83,6 @@ class Limits:
             requests_per_second=config.requests_per_second,
             request_burst=config.request_burst,
             daily_quota=config.daily_quota,
-            per_request=max(1, config.max_batch_size),
         )
 
     @property
@@ -94,8 +101,9 @@ class Limits:
 class Grant:
     """The outcome of one reservation.
 
-    ``granted`` messages may be sent now (0..n), in ``requests`` provider calls of at most
-    ``per_request`` messages each. When fewer than asked were granted, ``retry_after`` is the
+    ``granted`` messages may be sent now (0..n): the first ``requests`` of the planned
+    requests, whole except that the last may be cut to its first messages (``granted_of``
+    picks them). When fewer than asked were granted, ``retry_after`` is the
     number of seconds until every limit allows at least one more (exact: add ``jittered``
     when telling a client); otherwise it is 0. ``at_us`` is the Redis time (µs since the
     epoch) of the reservation, 0 for unlimited providers, which never touch Redis.
@@ -205,6 +213,8 @@ class RateLimiter:
         # Unlimited providers skip Redis until one reports a throttle: from then on this
         # process honours the shared pause and published rate for it too.
         self._adaptive: set[str] = set()
+        # Provider -> (published rate, monotonic time) this process last wrote.
+        self._published: dict[str, tuple[float, float]] = {}
         # redis-py keeps the SHA and reloads the script on NOSCRIPT (e.g. after a restart).
         self._script = redis.register_script(_SCRIPT)
 
@@ -217,42 +227,46 @@ class RateLimiter:
         return limits.unlimited and provider.name not in self._adaptive
 
     async def acquire(
-        self, provider: ProviderConfig, n: int, *, now_us: int | None = None
+        self, provider: ProviderConfig, requests: Sequence[int], *, now_us: int | None = None
     ) -> Grant:
-        """Reserves up to ``n`` sends now; grants may be partial.
+        """Reserves up to ``sum(requests)`` sends now; grants may be partial.
 
+        ``requests`` is the request shape: the number of messages each provider call will
+        carry, in the order they will be made (the adapter's ``plan``). What is granted is
+        a prefix of it (see ``Grant``), so the request limits count exactly the calls made.
         ``now_us`` replaces Redis ``TIME``; only tests with a simulated clock pass it.
         Raises ``Unavailable`` when Redis cannot be reached: nothing may be sent then.
         """
-        if n < 0:
-            raise ValueError("n must not be negative")
-        limits = Limits.of(provider)
-        if n == 0 or self._skips(provider, limits):
-            return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        return _grant(await self._run(provider, limits, "acquire", n, now_us))
+        return await self._reserve(provider, "acquire", requests, now_us)
 
     async def preview(
-        self, provider: ProviderConfig, n: int, *, now_us: int | None = None
+        self, provider: ProviderConfig, requests: Sequence[int], *, now_us: int | None = None
     ) -> Grant:
-        """What ``acquire(provider, n)`` would grant now, reserving nothing.
+        """What ``acquire(provider, requests)`` would grant now, reserving nothing.
 
         The servicer renders only what a preview allows and reserves afterwards, so the time
         between a reservation and the provider seeing the request stays short (rendering
         runs in another process and can be delayed on a busy machine); see ``window_guard``.
         """
-        if n < 0:
-            raise ValueError("n must not be negative")
+        return await self._reserve(provider, "peek", requests, now_us)
+
+    async def _reserve(
+        self, provider: ProviderConfig, mode: str, requests: Sequence[int], now_us: int | None
+    ) -> Grant:
+        if any(size < 1 for size in requests):
+            raise ValueError("every request carries at least one message")
+        n = sum(requests)
         limits = Limits.of(provider)
         if n == 0 or self._skips(provider, limits):
-            return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        return _grant(await self._run(provider, limits, "peek", n, now_us))
+            return Grant(granted=n, retry_after=0.0, requests=len(requests))
+        return _grant(await self._run(provider, limits, mode, now_us, shape=requests))
 
     async def capacity(self, provider: ProviderConfig, *, now_us: int | None = None) -> Capacity:
         """Reads what the limits allow now without reserving (the script writes nothing)."""
         limits = Limits.of(provider)
         if self._skips(provider, limits):
             return Capacity(0.0, 0.0, 0, 0, unlimited=True)
-        r = await self._run(provider, limits, "peek", 0, now_us)
+        r = await self._run(provider, limits, "peek", now_us)
         return Capacity(
             sustained_tokens=max(r[3], 0) / _MICROS,
             sustained_rate=limits.rate,
@@ -278,23 +292,26 @@ class RateLimiter:
         published_rps: float = 0.0,
         throttled: bool = True,
         now_us: int | None = None,
-    ) -> float:
+    ) -> float | None:
         """Tells every replica the provider throttled a send the limiter had granted.
 
         The shared factor halves (once per cooldown, never below the floor) and recovers
         gradually; ``retry_after`` (seconds, from the provider's answer) pauses all sends to
         it until then; ``published_rps`` is a request rate the provider announced in its
-        headers (e.g. ``ratelimit-limit`` over ``ratelimit-policy``'s window). With
-        ``throttled=False`` only the published rate and pause are taken (headers of an
-        accepted answer). Returns the factor now in force. Raises ``Unavailable`` when
-        Redis cannot be reached.
+        headers (e.g. ``ratelimit-limit`` over its window). With ``throttled=False`` only
+        the published rate and pause are taken (headers of an accepted answer, a used-up
+        quota). Returns the factor now in force, or None when nothing was new to tell: no
+        throttle, no pause, and the rate this process wrote within the refresh interval.
+        Raises ``Unavailable`` when Redis cannot be reached.
         """
-        self._adaptive.add(provider.name)
+        name = provider.name
+        if not throttled and retry_after <= 0 and not self._is_news(name, published_rps):
+            return None
+        self._adaptive.add(name)
         reply = await self._run(
             provider,
             Limits.of(provider),
             "report",
-            0,
             now_us,
             extra=[
                 max(0, round(retry_after * _MICROS)),
@@ -303,22 +320,39 @@ class RateLimiter:
                 1 if throttled else 0,
             ],
         )
+        if published_rps > 0:
+            self._published[name] = (published_rps, time.monotonic())
         return reply[0] / _MICROS
+
+    def _is_news(self, name: str, published_rps: float) -> bool:
+        """True for a published rate this process has not written within the refresh."""
+        if published_rps <= 0:
+            return False
+        last = self._published.get(name)
+        return (
+            last is None
+            or last[0] != published_rps
+            or time.monotonic() - last[1] >= PUBLISHED_REFRESH_SECONDS
+        )
 
     async def _run(
         self,
         provider: ProviderConfig,
         limits: Limits,
         mode: str,
-        n: int,
         now_us: int | None,
-        extra: list[int] | None = None,
+        *,
+        shape: Sequence[int] = (),
+        extra: Sequence[int] = (),
     ) -> list[int]:
+        """Runs the script: ``shape`` is the request shape (acquire, peek), ``extra`` the
+        report's arguments."""
+        shape_runs = runs(shape)
         args: list[str | int] = [
             mode,
             "" if now_us is None else now_us,
-            n,
-            limits.per_request,
+            sum(shape),
+            len(shape_runs) // 2,
             repr(limits.rate),
             limits.burst,
             repr(limits.requests_per_second),
@@ -327,7 +361,8 @@ class RateLimiter:
             self._window_us,
             repr(self._recovery),
             repr(self._floor),
-            *(extra or []),
+            *extra,
+            *shape_runs,
         ]
         try:
             reply = await self._script(keys=rate_limit_keys(self._prefix, provider.name), args=args)
@@ -337,6 +372,36 @@ class RateLimiter:
                 retry_after=jittered(REDIS_DOWN_RETRY_SECONDS),
             ) from exc
         return [int(v) for v in reply]
+
+
+def runs(requests: Sequence[int]) -> list[int]:
+    """The request shape run-length encoded (size, count, size, count...): the usual shapes
+    (100, 100, 100, 20; one message per call) take a few script arguments, not thousands."""
+    out: list[int] = []
+    for size in requests:
+        if out and out[-2] == size:
+            out[-1] += 1
+        else:
+            out += [size, 1]
+    return out
+
+
+def even_requests(n: int, largest: int | None) -> list[int]:
+    """``n`` messages in requests of ``largest`` each (the last one shorter), or all in one
+    when ``largest`` is None."""
+    size = n if largest is None else max(1, largest)
+    return [min(size, n - start) for start in range(0, n, size)] if n else []
+
+
+def granted_of(plan: Sequence[Sequence[int]], grant: Grant) -> list[int]:
+    """The message indices a grant covers, in ascending order: the plan's first
+    ``grant.requests`` requests, the last one cut so that ``grant.granted`` are taken."""
+    left = grant.granted
+    chosen: list[int] = []
+    for request in plan[: grant.requests]:
+        chosen.extend(request[:left])
+        left -= min(left, len(request))
+    return sorted(chosen)
 
 
 def _grant(reply: list[int]) -> Grant:

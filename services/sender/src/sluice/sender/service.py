@@ -25,7 +25,7 @@ from sluice.common.telemetry import Telemetry, context_from_traceparent
 from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
-from sluice.sender.ratelimit import Grant, RateLimiter, jittered
+from sluice.sender.ratelimit import Grant, RateLimiter, even_requests, granted_of, jittered
 from sluice.sender.render import RenderError, Template
 from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -111,11 +111,17 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             from_address=request.template.from_address,
         )
         # Render and check only what the limits would allow now, then reserve exactly the
-        # messages that can go: the reservation is taken right before the provider call,
-        # so rendering time never sits between a grant and the send, and refused or
-        # unrenderable messages spend no tokens. Both calls raise Unavailable (with a
-        # retry-after) when Redis is down: nothing is sent then.
-        preview = await self._limiter.preview(config, len(messages))
+        # messages that can go, in the provider calls the adapter will make of them: the
+        # reservation is taken right before the provider call, so rendering time never
+        # sits between a grant and the send, and refused or unrenderable messages spend no
+        # tokens. The preview cannot know the calls yet (SendGrid's depend on the rendered
+        # content), so it assumes the fewest, and the reservation counts the real ones.
+        # Both calls raise Unavailable (with a retry-after) when Redis is down: nothing is
+        # sent then.
+        adapter = self._adapters[config.name]
+        preview = await self._limiter.preview(
+            config, even_requests(len(messages), adapter.largest_request)
+        )
         results: list[sender_pb2.SendResult | None] = [None] * len(messages)
         self._throttle(results, messages, range(preview.granted, len(messages)), preview)
 
@@ -156,17 +162,20 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 continue
             candidates.append((i, email))
 
-        grant = await self._limiter.acquire(config, len(candidates))
+        plan = adapter.plan([email for _, email in candidates])
+        grant = await self._limiter.acquire(config, [len(call) for call in plan])
         if grant.tokens_left is not None or grant.granted < len(messages):
             self._metrics.observe_grant(
                 config.name, len(messages), grant.granted, grant.tokens_left or 0.0
             )
-        outbound = candidates[: grant.granted]
-        # Another replica took the room between preview and reservation.
-        self._throttle(results, messages, [i for i, _ in candidates[grant.granted :]], grant)
+        chosen = granted_of(plan, grant)
+        outbound = [candidates[c] for c in chosen]
+        # More calls than the preview assumed, or another replica took the room between
+        # preview and reservation. The adapter sends the granted messages in the calls
+        # the plan made of them (see providers.base).
+        left = sorted(set(range(len(candidates))) - set(chosen))
+        self._throttle(results, messages, [candidates[c][0] for c in left], grant)
 
-        # The adapter splits into its provider's batch shape itself (see providers.base).
-        adapter = self._adapters[config.name]
         with self._spans(config.name, [messages[i] for i, _ in outbound]):
             sent = await self._send(adapter, [email for _, email in outbound])
         for (i, email), result in zip(outbound, sent, strict=True):
@@ -189,18 +198,31 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                         "reason": result.reason,
                     },
                 )
-        throttled = [r.retry_after for r in sent if r.outcome == "throttled"]
-        if throttled:
-            # The provider refused what the limiter granted: slow every replica down. Never
-            # fail the call for it: the other messages were sent and must be answered.
-            try:
-                await self._limiter.report_throttled(config, retry_after=max(throttled))
-            except Unavailable as exc:
-                log.warning("could not report a throttle", extra={"error": str(exc)})
+        await self._report(config, sent)
         done = [r for r in results if r is not None]
         assert len(done) == len(messages), "every message gets exactly one result"
         self._metrics.observe_outcomes(config.name, (_OUTCOME_NAMES[r.outcome] for r in done))
         return sender_pb2.SendBatchResponse(results=done)
+
+    async def _report(self, config: ProviderConfig, sent: Sequence[ProviderResult]) -> None:
+        """Hands the limiter what the provider's answers said, so every replica adapts: a
+        rate refusal cuts the shared factor and pauses until its retry-after; a used-up
+        quota, or a window with nothing left, only pauses; an announced request rate caps
+        the configured one. Never fails the call: the messages were sent and must be
+        answered."""
+        throttles = [r for r in sent if r.outcome == "throttled"]
+        announced = [r.announced for r in sent if r.announced is not None]
+        pause = max([0.0, *(r.retry_after for r in throttles), *(a.reset_after for a in announced)])
+        rates = [a.requests_per_second for a in announced if a.requests_per_second > 0]
+        try:
+            await self._limiter.report_throttled(
+                config,
+                retry_after=pause,
+                published_rps=min(rates, default=0.0),
+                throttled=any(not r.quota for r in throttles),
+            )
+        except Unavailable as exc:
+            log.warning("could not report a throttle", extra={"error": str(exc)})
 
     @staticmethod
     def _throttle(

@@ -18,7 +18,13 @@ import redis.asyncio as aioredis
 
 from sluice.common.errors import ConfigError
 from sluice.common.providers import ProviderConfig
-from sluice.sender.providers.base import EmailProvider, OutboundEmail, Outcome, ProviderResult
+from sluice.sender.providers.base import (
+    EmailProvider,
+    OutboundEmail,
+    Outcome,
+    ProviderResult,
+    ReadsAccountLimits,
+)
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
 
 __all__ = [
@@ -30,6 +36,7 @@ __all__ = [
     "ProviderResult",
     "SandboxLedger",
     "SandboxProvider",
+    "account_limits",
     "build_adapters",
     "factory",
 ]
@@ -94,3 +101,17 @@ async def build_adapters(
     for config in configs:
         adapters[config.name] = await factory(config.kind)(config, stack, resources)
     return adapters
+
+
+async def account_limits(
+    configs: Iterable[ProviderConfig], adapters: Mapping[str, EmailProvider]
+) -> dict[str, ProviderConfig]:
+    """Every provider's configuration by name, with the limits its account allows where
+    its adapter reads them at start-up (SES with ``read_quota``) and they are lower."""
+    out: dict[str, ProviderConfig] = {}
+    for config in configs:
+        adapter = adapters[config.name]
+        if isinstance(adapter, ReadsAccountLimits):
+            config = await adapter.account_limits(config)
+        out[config.name] = config
+    return out

@@ -1,9 +1,11 @@
 """What the HTTP adapters (Resend, SendGrid) share: one POST that tells "not handed over"
-from "maybe received", rate-limit header parsing, and the client they are given."""
+from "maybe received", the parsing of header values (each adapter decides what its
+provider's headers mean), and the client they are given."""
 
 from __future__ import annotations
 
 import email.utils
+import math
 import time
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
@@ -12,12 +14,7 @@ from typing import Any
 import httpx
 
 from sluice.common.errors import Unavailable
-from sluice.sender.providers.base import QUOTA_REASON
 
-# Headers whose value is a number of seconds to wait, in the order they are trusted.
-_SECONDS_HEADERS = ("retry-after", "ratelimit-reset")
-# Headers whose value is the Unix time the limit resets (SendGrid's X-RateLimit-Reset).
-_EPOCH_HEADERS = ("x-ratelimit-reset",)
 MAX_WAIT = 3600.0
 
 
@@ -48,39 +45,34 @@ async def post_json(
         return None
 
 
-def retry_after(headers: httpx.Headers, default: float = 1.0) -> float:
-    """Seconds to wait before the next request, from the answer's rate-limit headers."""
-    for name in _SECONDS_HEADERS:
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value)
-        except ValueError:
-            parsed = _http_date(value)
-            if parsed is None:
-                continue
-            seconds = parsed - time.time()
-        return _bounded(seconds, default)
-    for name in _EPOCH_HEADERS:
-        value = headers.get(name)
-        if value is not None:
-            try:
-                return _bounded(float(value) - time.time(), default)
-            except ValueError:
-                continue
-    return default
-
-
-def _http_date(value: str) -> float | None:
+def number(value: str | None) -> float | None:
+    """A header's numeric value, or None when it is absent or not a finite number."""
+    if value is None:
+        return None
     try:
-        return email.utils.parsedate_to_datetime(value).timestamp()
+        parsed = float(value.strip())
+    except ValueError:
+        return None
+    return parsed if math.isfinite(parsed) else None
+
+
+def retry_after(headers: httpx.Headers) -> float | None:
+    """The standard ``Retry-After`` (delta-seconds or an HTTP date) in seconds, or None."""
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    seconds = number(value)
+    if seconds is not None:
+        return seconds
+    try:
+        return email.utils.parsedate_to_datetime(value).timestamp() - time.time()
     except (TypeError, ValueError):
         return None
 
 
-def _bounded(seconds: float, default: float) -> float:
-    if seconds != seconds:  # NaN
+def wait(seconds: float | None, default: float = 1.0) -> float:
+    """A wait to tell the limiter: ``default`` when unknown, bounded to (0.05 s, 1 h)."""
+    if seconds is None:
         return default
     return min(MAX_WAIT, max(0.05, seconds))
 
@@ -89,12 +81,6 @@ def next_utc_midnight(now: datetime | None = None) -> datetime:
     """When a daily quota counted per UTC day resets."""
     now = now or datetime.now(UTC)
     return (now + timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
-
-
-def quota_reason(what: str, until: datetime) -> str:
-    """The reason of a quota pause (``QUOTA_REASON`` and a paused_until time the router
-    can read)."""
-    return f"{QUOTA_REASON}; paused_until={until.strftime('%Y-%m-%dT%H:%M:%SZ')}; {what}"
 
 
 def json_or_empty(response: httpx.Response) -> dict[str, Any]:

@@ -3,10 +3,17 @@ SMTP), so the sender's servicer never knows which one it is talking to.
 
 Contract of ``EmailProvider.send_batch``:
 
-- It receives every rendered message the rate limiter granted, any number of them, and
-  splits them into its provider's batch shape itself (Resend: 100 per call; SendGrid:
-  personalizations; SES and SMTP: one message per call, concurrently). It does no
-  throttling of its own.
+- ``plan`` is the one place that knows its provider's request shape: which of the given
+  rendered messages go in which provider call, in the order the calls are made (Resend:
+  100 per call; SendGrid: personalizations of the same content; SES and SMTP: one
+  message per call; the sandbox: the whole batch in one). The servicer reserves exactly
+  those calls from the rate limiter and hands ``send_batch`` the messages of the calls
+  granted (the last one possibly cut short), so a plan must be stable under that: the
+  plan of the messages of its first k calls, in their order, is those k calls
+  (``largest_request`` bounds a call's size before content is known, for the preview).
+- ``send_batch`` receives every rendered message the rate limiter granted, any number of
+  them, and sends them in the calls ``plan`` makes of them. It does no throttling of its
+  own.
 - It returns exactly one ``ProviderResult`` per message, in the order given, each with
   the message's ``intent_id`` and one of these outcomes:
 
@@ -24,6 +31,10 @@ Contract of ``EmailProvider.send_batch``:
   ``PROVIDER_UNAVAILABLE`` for those messages: the router retries them without spending
   an attempt and counts them against the provider's health, so it fails over.
 - It passes an idempotency key to providers that take one, so a retry is not sent twice.
+- It reads its provider's rate-limit headers itself (the one place that knows their names
+  and units) and puts what they announced on the results (``Announced``), and it marks a
+  refusal because a daily or monthly quota is used up (``quota_results``): the servicer
+  hands both to the rate limiter, which slows down or pauses every replica.
 """
 
 from __future__ import annotations
@@ -31,12 +42,17 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import Literal, Protocol, runtime_checkable
 
 from sluice.common.errors import Unavailable
+from sluice.common.headers import UNSUBSCRIBE_HEADERS
 from sluice.common.logging import redact_email
+from sluice.common.providers import ProviderConfig
 
+# Each provider call an adapter will make, as indices into the messages it was given.
+Plan = list[list[int]]
 Outcome = Literal["accepted", "throttled", "transient", "unknown", "permanent", "unavailable"]
 
 # The tag (SES message tag, Resend tag, SendGrid custom arg) carrying the intent id, so a
@@ -72,25 +88,48 @@ class OutboundEmail:
         return ((INTENT_TAG, self.intent_id), *(t for t in self.tags if t[0] != INTENT_TAG))
 
     def all_headers(self) -> tuple[tuple[str, str], ...]:
-        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058)."""
+        """Extra headers plus List-Unsubscribe (and One-Click for https URLs, RFC 8058).
+
+        With an unsubscribe URL, Sluice's own List-Unsubscribe headers replace any the
+        message brought: two List-Unsubscribe headers leave the mailbox guessing which one
+        works, and Sluice's link is the one that suppresses the recipient."""
         url = self.list_unsubscribe_url
         if not url:
             return self.headers
         extra = [("List-Unsubscribe", f"<{url}>")]
         if url.startswith("https://"):
             extra.append(("List-Unsubscribe-Post", "List-Unsubscribe=One-Click"))
-        return (*self.headers, *extra)
+        own = tuple(h for h in self.headers if h[0].lower() not in UNSUBSCRIBE_HEADERS)
+        return (*own, *extra)
+
+
+@dataclass(frozen=True, slots=True)
+class Announced:
+    """What a provider's answer said about its request limit, as its adapter read the
+    headers: ``requests_per_second`` is its limit over its window (0 when it did not say
+    both), ``reset_after`` the seconds until its window resets when the answer said no
+    request is left in it (0 otherwise). Accepted answers announce too."""
+
+    requests_per_second: float = 0.0
+    reset_after: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
 class ProviderResult:
-    """What the provider did with one message (see the module docstring for outcomes)."""
+    """What the provider did with one message (see the module docstring for outcomes).
+
+    ``quota`` marks a throttle because a daily or monthly quota is used up: it pauses the
+    provider until ``retry_after`` and says nothing about its rate. ``announced`` is what
+    the answer's rate-limit headers said, when they said anything.
+    """
 
     intent_id: str
     outcome: Outcome
     provider_message_id: str = ""
     reason: str = ""
     retry_after: float = 0.0
+    quota: bool = False
+    announced: Announced | None = None
 
 
 class EmailProvider(Protocol):
@@ -101,8 +140,27 @@ class EmailProvider(Protocol):
         """The configured provider name (``ProviderConfig.name``)."""
         ...
 
+    @property
+    def largest_request(self) -> int | None:
+        """The most messages one call can carry (None: any number), whatever the content:
+        the request shape the limiter's preview assumes before messages are rendered."""
+        ...
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """The provider calls ``send_batch`` would make for ``messages``, in order."""
+        ...
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Sends the messages; one result per message, in order."""
+        ...
+
+
+@runtime_checkable
+class ReadsAccountLimits(Protocol):
+    """An adapter that can read its account's own limits from the provider (SES)."""
+
+    async def account_limits(self, config: ProviderConfig) -> ProviderConfig:
+        """``config`` with limits no higher than configured nor than the account allows."""
         ...
 
 
@@ -127,6 +185,26 @@ def results_for(
         ProviderResult(m.intent_id, outcome, reason=reason, retry_after=retry_after)
         for m in messages
     ]
+
+
+def quota_results(
+    messages: Sequence[OutboundEmail], what: str, until: datetime
+) -> list[ProviderResult]:
+    """Throttled until a used-up quota resets at ``until``, with the reason the router reads
+    (``QUOTA_REASON`` and ``paused_until=<RFC 3339>``) and ``quota`` set."""
+    wait = max(1.0, (until - datetime.now(UTC)).total_seconds())
+    reason = f"{QUOTA_REASON}; paused_until={until.strftime('%Y-%m-%dT%H:%M:%SZ')}; {what}"
+    return [
+        ProviderResult(m.intent_id, "throttled", reason=reason, retry_after=wait, quota=True)
+        for m in messages
+    ]
+
+
+def announcing(results: list[ProviderResult], announced: Announced | None) -> list[ProviderResult]:
+    """``results`` carrying what their answer announced."""
+    if announced is None:
+        return results
+    return [replace(r, announced=announced) for r in results]
 
 
 async def send_in_chunks(
@@ -160,6 +238,11 @@ async def send_in_chunks(
     return [r for results in per_chunk for r in results]
 
 
-def chunked(messages: Sequence[OutboundEmail], size: int) -> list[Sequence[OutboundEmail]]:
-    """``messages`` in consecutive chunks of at most ``size``."""
-    return [messages[i : i + size] for i in range(0, len(messages), size)]
+def consecutive(n: int, size: int) -> Plan:
+    """The plan of ``n`` messages in consecutive calls of at most ``size``."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def planned(messages: Sequence[OutboundEmail], plan: Plan) -> list[list[OutboundEmail]]:
+    """The messages of each planned call."""
+    return [[messages[i] for i in call] for call in plan]

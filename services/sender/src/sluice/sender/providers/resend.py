@@ -8,8 +8,15 @@ request that timed out or lost its connection is sent once more at once with the
 key and the same body (the one case where a retry is certain to be identical); if that
 too gets no answer, its messages answer ``unknown``.
 
+Every answer carries Resend's rate-limit headers (IETF draft 6): ``ratelimit-limit``
+requests per window (a second: Resend limits requests per second; a ``ratelimit-policy``
+``N;w=W`` would name another window), ``ratelimit-remaining`` and ``ratelimit-reset``
+(seconds until the window resets). They become ``Announced`` on every result: the rate
+``limit / window``, and the reset when nothing remains.
+
 Answer -> outcome (the README has the table): 200 accepted (the email id); 429
-``rate_limit_exceeded`` throttled (``retry-after``); 429 ``daily_quota_exceeded`` /
+``rate_limit_exceeded`` throttled (``retry-after``, else ``ratelimit-reset``); 429
+``daily_quota_exceeded`` /
 ``monthly_quota_exceeded`` throttled until the quota resets, with a paused_until reason;
 409 ``concurrent_idempotent_requests`` transient (retry shortly); 409
 ``invalid_idempotent_request`` unknown (that key already sent something else); 400/422
@@ -22,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import re
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -33,11 +41,16 @@ from sluice.common.errors import ConfigError, Unavailable
 from sluice.common.providers import ProviderConfig, ResendSettings
 from sluice.sender.providers import _http
 from sluice.sender.providers.base import (
+    Announced,
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
-    chunked,
+    announcing,
+    consecutive,
+    planned,
     provider_text,
+    quota_results,
     results_for,
     send_in_chunks,
 )
@@ -45,6 +58,7 @@ from sluice.sender.providers.base import (
 BATCH_LIMIT = 100  # Resend's documented maximum per /emails/batch call
 _TAG_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 _RETRY_PAUSE = 0.2
+_LONGEST_QUOTA_WAIT = 32 * 86400.0  # a monthly quota resets within a month
 
 
 def idempotency_key(messages: Sequence[OutboundEmail]) -> str:
@@ -97,10 +111,19 @@ class ResendProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """At most 100 emails a request."""
+        return BATCH_LIMIT
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """Consecutive requests of at most 100 (one alone goes to ``/emails``)."""
+        return consecutive(len(messages), BATCH_LIMIT)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
-        """Sends in requests of at most 100 (see the module docstring)."""
+        """Sends in the requests ``plan`` makes (see the module docstring)."""
         return await send_in_chunks(
-            chunked(messages, BATCH_LIMIT),
+            planned(messages, self.plan(messages)),
             self._send_request,
             concurrency=self._settings.max_connections,
         )
@@ -120,7 +143,7 @@ class ResendProvider:
                 response = await _http.post_json(self._client, path, body, headers)
         if response is None:
             return results_for(chunk, "unknown", "resend: no answer (may have been received)")
-        return self._results(chunk, response, single)
+        return announcing(self._results(chunk, response, single), announced(response.headers))
 
     def _results(
         self, chunk: Sequence[OutboundEmail], response: httpx.Response, single: bool
@@ -135,10 +158,8 @@ class ResendProvider:
         reason = f"resend {status} {error}: {provider_text(str(data.get('message', '')))}"
         if status == 429:
             if "quota" in error:
-                until = _quota_reset(error, response)
-                wait = max(1.0, (until - datetime.now(UTC)).total_seconds())
-                return results_for(chunk, "throttled", _http.quota_reason(reason, until), wait)
-            return results_for(chunk, "throttled", reason, _http.retry_after(response.headers))
+                return quota_results(chunk, reason, _quota_reset(error, response))
+            return results_for(chunk, "throttled", reason, _rate_wait(response.headers))
         if status == 409:
             if error == "concurrent_idempotent_requests":
                 return results_for(chunk, "transient", reason, 1.0)
@@ -150,7 +171,9 @@ class ResendProvider:
         if status in (502, 504):
             return results_for(chunk, "unknown", reason)
         if status >= 500:
-            return results_for(chunk, "transient", reason, _http.retry_after(response.headers))
+            return results_for(
+                chunk, "transient", reason, _http.wait(_http.retry_after(response.headers))
+            )
         return results_for(chunk, "permanent", reason)
 
 
@@ -180,11 +203,43 @@ def _batch_results(chunk: Sequence[OutboundEmail], data: dict[str, Any]) -> list
     return results
 
 
+def announced(headers: httpx.Headers) -> Announced | None:
+    """What Resend's rate-limit headers say (see the module docstring); None when absent."""
+    limit = _http.number(headers.get("ratelimit-limit"))
+    remaining = _http.number(headers.get("ratelimit-remaining"))
+    reset = _http.number(headers.get("ratelimit-reset"))
+    if limit is None and remaining is None:
+        return None
+    window = _policy_window(headers.get("ratelimit-policy"))
+    rate = limit / window if limit is not None and limit > 0 else 0.0
+    if not math.isfinite(rate):
+        rate = 0.0
+    exhausted = remaining is not None and remaining <= 0 and reset is not None and reset > 0
+    return Announced(rate, _http.wait(reset) if exhausted else 0.0)
+
+
+def _policy_window(policy: str | None) -> float:
+    # "10;w=1" (draft 6): the first policy's window in seconds; Resend's is one second.
+    for param in (policy or "").split(",")[0].split(";")[1:]:
+        name, _, value = param.strip().partition("=")
+        seconds = _http.number(value) if name == "w" else None
+        if seconds is not None and seconds > 0:
+            return seconds
+    return 1.0
+
+
+def _rate_wait(headers: httpx.Headers) -> float:
+    seconds = _http.retry_after(headers)
+    if seconds is None:
+        seconds = _http.number(headers.get("ratelimit-reset"))
+    return _http.wait(seconds)
+
+
 def _quota_reset(error: str, response: httpx.Response) -> datetime:
-    if "retry-after" in response.headers:
-        wait = _http.retry_after(response.headers)
-        return datetime.fromtimestamp(datetime.now(UTC).timestamp() + wait, UTC)
     now = datetime.now(UTC)
+    seconds = _http.retry_after(response.headers)
+    if seconds is not None:
+        return now + timedelta(seconds=min(max(1.0, seconds), _LONGEST_QUOTA_WAIT))
     if error.startswith("monthly"):
         year, month = (now.year + 1, 1) if now.month == 12 else (now.year, now.month + 1)
         return datetime(year, month, 1, tzinfo=UTC)

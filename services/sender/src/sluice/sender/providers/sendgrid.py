@@ -6,9 +6,15 @@ refuses a request naming an address twice); each personalization carries its own
 subject, headers (List-Unsubscribe) and ``custom_args`` with the intent id, which
 SendGrid's event webhook sends back. Different content means separate requests.
 
+Every answer carries ``X-RateLimit-Limit`` (requests per refresh period), ``-Remaining``
+and ``-Reset`` (the Unix time the period ends). SendGrid does not say how long a period
+is, so no rate is derived from the limit; an answer with nothing remaining announces the
+wait until the reset (``Announced.reset_after``), which pauses every replica until then.
+
 Answer -> outcome (the README has the table): 202 accepted (queued, not delivered; every
 message of the request gets the request's ``X-Message-Id``, which SendGrid's events
-carry as the prefix of ``sg_message_id``); 429 throttled (``X-RateLimit-Reset``); 400
+carry as the prefix of ``sg_message_id``); 429 throttled (``Retry-After``, else until
+``X-RateLimit-Reset``); 400
 permanent (a request of several personalizations is split and sent one by one once, so
 one bad message does not fail the others); 413 permanent; 401/403 unavailable (the key or
 sender identity is wrong: nothing can be sent); 500/503 transient; 502/504 and no answer
@@ -18,6 +24,7 @@ unknown (SendGrid takes no idempotency key, so those are not retried here).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Sequence
 from email.utils import parseaddr
 from typing import Any
@@ -28,9 +35,13 @@ from sluice.common.errors import ConfigError, Unavailable
 from sluice.common.providers import ProviderConfig, SendGridSettings
 from sluice.sender.providers import _http
 from sluice.sender.providers.base import (
+    Announced,
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
+    announcing,
+    planned,
     provider_text,
     results_for,
     send_in_chunks,
@@ -44,11 +55,17 @@ def _content_key(m: OutboundEmail) -> tuple[str, str, str, str]:
     return (m.from_address, m.reply_to, m.html, m.text)
 
 
-def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
-    """Requests: messages of the same content together, <= 1,000 each, recipients unique."""
-    requests: list[list[OutboundEmail]] = []
-    open_by_content: dict[tuple[str, str, str, str], tuple[list[OutboundEmail], set[str]]] = {}
-    for message in messages:
+def pack(messages: Sequence[OutboundEmail]) -> Plan:
+    """Requests, in the order they open: messages of the same content together, <= 1,000
+    each, recipients unique.
+
+    Packing only appends, in message order, so the messages of the first k requests (the
+    last one possibly cut short) pack into those same k requests again: what the rate
+    limiter granted of a plan is sent as planned.
+    """
+    requests: Plan = []
+    open_by_content: dict[tuple[str, str, str, str], tuple[list[int], set[str]]] = {}
+    for index, message in enumerate(messages):
         key = _content_key(message)
         current = open_by_content.get(key)
         address = message.recipient.lower()
@@ -56,7 +73,7 @@ def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
             current = ([], set())
             open_by_content[key] = current
             requests.append(current[0])
-        current[0].append(message)
+        current[0].append(index)
         current[1].add(address)
     return requests
 
@@ -112,15 +129,24 @@ class SendGridProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """At most 1,000 personalizations a request (when the content is the same)."""
+        return PERSONALIZATION_LIMIT
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """Personalizations of the same content in one request (``pack``)."""
+        return pack(messages)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Packs into personalizations and sends (see the module docstring)."""
-        requests = pack(messages)
+        plan = self.plan(messages)
         results = await send_in_chunks(
-            requests, self._send_request, concurrency=self._settings.max_connections
+            planned(messages, plan), self._send_request, concurrency=self._settings.max_connections
         )
         # Packing groups by content, so results come back grouped: put them in order.
-        by_position = {id(m): r for m, r in zip(_flat(requests), results, strict=True)}
-        return [by_position[id(m)] for m in messages]
+        by_position = dict(zip((i for call in plan for i in call), results, strict=True))
+        return [by_position[i] for i in range(len(messages))]
 
     async def _send_request(
         self, request: Sequence[OutboundEmail], *, split_on_400: bool = True
@@ -128,25 +154,13 @@ class SendGridProvider:
         response = await _http.post_json(self._client, PATH, payload(request))
         if response is None:
             return results_for(request, "unknown", "sendgrid: no answer (may have been received)")
-        status = response.status_code
-        if status == 202:
-            message_id = response.headers.get("x-message-id", "")
-            return [ProviderResult(m.intent_id, "accepted", message_id) for m in request]
-        reason = f"sendgrid {status}: {_errors(response)}"
-        if status == 400 and split_on_400 and len(request) > 1:
+        if response.status_code == 400 and split_on_400 and len(request) > 1:
+            # One bad message must not fail the others: send them one by one, once.
             results: list[ProviderResult] = []
             for m in request:
                 results.extend(await self._send_one_after_400(m))
             return results
-        if status == 429:
-            return results_for(request, "throttled", reason, _http.retry_after(response.headers))
-        if status in (401, 403):
-            return results_for(request, "unavailable", reason)
-        if status in (502, 504):
-            return results_for(request, "unknown", reason)
-        if status >= 500:
-            return results_for(request, "transient", reason, _http.retry_after(response.headers))
-        return results_for(request, "permanent", reason)
+        return announcing(_results(request, response), announced(response.headers))
 
     async def _send_one_after_400(self, message: OutboundEmail) -> list[ProviderResult]:
         try:
@@ -155,8 +169,43 @@ class SendGridProvider:
             return [ProviderResult(message.intent_id, "unavailable", reason=str(exc))]
 
 
-def _flat(requests: Sequence[Sequence[OutboundEmail]]) -> list[OutboundEmail]:
-    return [m for request in requests for m in request]
+def _results(request: Sequence[OutboundEmail], response: httpx.Response) -> list[ProviderResult]:
+    status = response.status_code
+    if status == 202:
+        message_id = response.headers.get("x-message-id", "")
+        return [ProviderResult(m.intent_id, "accepted", message_id) for m in request]
+    reason = f"sendgrid {status}: {_errors(response)}"
+    if status == 429:
+        return results_for(request, "throttled", reason, _rate_wait(response.headers))
+    if status in (401, 403):
+        return results_for(request, "unavailable", reason)
+    if status in (502, 504):
+        return results_for(request, "unknown", reason)
+    if status >= 500:
+        return results_for(
+            request, "transient", reason, _http.wait(_http.retry_after(response.headers))
+        )
+    return results_for(request, "permanent", reason)
+
+
+def announced(headers: httpx.Headers) -> Announced | None:
+    """The wait until ``X-RateLimit-Reset`` when ``X-RateLimit-Remaining`` is 0, else None
+    (see the module docstring)."""
+    remaining = _http.number(headers.get("x-ratelimit-remaining"))
+    until = _seconds_to_reset(headers)
+    if remaining is None or remaining > 0 or until is None or until <= 0:
+        return None
+    return Announced(reset_after=_http.wait(until))
+
+
+def _seconds_to_reset(headers: httpx.Headers) -> float | None:
+    reset = _http.number(headers.get("x-ratelimit-reset"))
+    return None if reset is None else reset - time.time()
+
+
+def _rate_wait(headers: httpx.Headers) -> float:
+    seconds = _http.retry_after(headers)
+    return _http.wait(seconds if seconds is not None else _seconds_to_reset(headers))
 
 
 def _errors(response: httpx.Response) -> str:

@@ -17,14 +17,20 @@ rolling 24 hours, so some of it frees up within the hour); ``MessageRejected``,
 ``SendingPausedException``, ``MailFromDomainNotVerifiedException``, ``NotFoundException``
 and credential errors unavailable (the account or its configuration cannot send); 5xx
 transient; no connection ``Unavailable``; a read timeout or cut connection unknown.
+
+With ``read_quota``, ``account_limits`` reads the account's ``SendQuota`` (``GetAccount``)
+at start-up and lowers the configured sustained rate and daily quota to the account's
+``MaxSendRate`` and ``Max24HourSend`` where those are lower (or where none is configured);
+it never raises them above what is configured.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -42,18 +48,23 @@ from botocore.exceptions import (
 
 from sluice.common.errors import ConfigError, Unavailable
 from sluice.common.providers import ProviderConfig, SesSettings
-from sluice.sender.providers import _http, mime
+from sluice.sender.providers import mime
 from sluice.sender.providers.base import (
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
-    chunked,
+    consecutive,
+    planned,
     provider_text,
+    quota_results,
     send_in_chunks,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_sesv2.client import SESV2Client
+
+log = logging.getLogger("sluice.sender.ses")
 
 QUOTA_PAUSE = timedelta(hours=1)
 _THROTTLING = {
@@ -104,10 +115,21 @@ class SesProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """One message a call."""
+        return 1
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """One ``SendEmail`` per message."""
+        return consecutive(len(messages), 1)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """One ``SendEmail`` per message, ``max_connections`` at a time."""
         return await send_in_chunks(
-            chunked(messages, 1), self._send_chunk, concurrency=self._settings.max_connections
+            planned(messages, self.plan(messages)),
+            self._send_chunk,
+            concurrency=self._settings.max_connections,
         )
 
     async def send_quota(self) -> SendQuota:
@@ -123,6 +145,13 @@ class SesProvider:
             sent_last_24_hours=float(quota.get("SentLast24Hours", 0)),
             sending_enabled=bool(account.get("SendingEnabled", True)),
         )
+
+    async def account_limits(self, config: ProviderConfig) -> ProviderConfig:
+        """``config`` with the account's limits where they are lower (``read_quota`` on;
+        otherwise ``config`` itself). Raises ``Unavailable`` when GetAccount fails."""
+        if not self._settings.read_quota:
+            return config
+        return seeded_limits(config, await self.send_quota())
 
     async def _send_chunk(self, chunk: Sequence[OutboundEmail]) -> list[ProviderResult]:
         return [await self._send(chunk[0])]
@@ -163,13 +192,7 @@ def _refused(message: OutboundEmail, exc: ClientError) -> ProviderResult:
     reason = f"ses {code}: {provider_text(text)}"
     if code in _THROTTLING:
         if "quota" in text.lower():
-            until = datetime.now(UTC) + QUOTA_PAUSE
-            return ProviderResult(
-                message.intent_id,
-                "throttled",
-                reason=_http.quota_reason(reason, until),
-                retry_after=QUOTA_PAUSE.total_seconds(),
-            )
+            return quota_results([message], reason, datetime.now(UTC) + QUOTA_PAUSE)[0]
         return ProviderResult(message.intent_id, "throttled", reason=reason, retry_after=1.0)
     if code in _UNAVAILABLE:
         return ProviderResult(message.intent_id, "unavailable", reason=reason)
@@ -216,22 +239,38 @@ async def open_adapter(
             config=client_config(settings),
         )
     )
-    provider = SesProvider(config.name, settings, client)
-    if settings.read_quota:
-        quota = await provider.send_quota()
-        _check_quota(config, quota)
-    return provider
+    return SesProvider(config.name, settings, client)
 
 
-def _check_quota(config: ProviderConfig, quota: SendQuota) -> None:
-    """Refuses limits above what the account allows: the provider would throttle anyway."""
-    if quota.max_send_rate and config.sustained_rate > quota.max_send_rate:
-        raise ConfigError(
-            f"provider {config.name!r}: sustained_rate {config.sustained_rate} exceeds the SES "
-            f"account's MaxSendRate {quota.max_send_rate}"
-        )
-    if quota.max_24_hour_send and config.daily_quota > quota.max_24_hour_send:
-        raise ConfigError(
-            f"provider {config.name!r}: daily_quota {config.daily_quota} exceeds the SES "
-            f"account's Max24HourSend {quota.max_24_hour_send:g}"
-        )
+def seeded_limits(config: ProviderConfig, quota: SendQuota) -> ProviderConfig:
+    """The limits to apply: each of the sustained rate and the daily quota is the lowest of
+    what is configured (0 = none) and what the account allows (``MaxSendRate``,
+    ``Max24HourSend``; 0 or -1 = nothing said or unlimited); a configured ``burst`` also
+    bounds the rate. Logs which figure was used."""
+    rate_bounds = [x for x in (config.sustained_rate, float(config.burst)) if x > 0]
+    rate = config.sustained_rate
+    if quota.max_send_rate > 0 and (not rate_bounds or quota.max_send_rate < min(rate_bounds)):
+        rate = quota.max_send_rate
+    daily = config.daily_quota
+    if quota.max_24_hour_send > 0 and (daily <= 0 or quota.max_24_hour_send < daily):
+        daily = max(1, int(quota.max_24_hour_send))  # 0 would mean "no quota"
+    lowered = rate != config.sustained_rate or daily != config.daily_quota
+    log.log(
+        logging.WARNING if lowered else logging.INFO,
+        "ses account limits read",
+        extra={
+            "provider": config.name,
+            "sustained_rate": rate,
+            "sustained_rate_from": "account MaxSendRate"
+            if rate != config.sustained_rate
+            else "configuration",
+            "daily_quota": daily,
+            "daily_quota_from": "account Max24HourSend"
+            if daily != config.daily_quota
+            else "configuration",
+            "account_max_send_rate": quota.max_send_rate,
+            "account_max_24_hour_send": quota.max_24_hour_send,
+            "account_sending_enabled": quota.sending_enabled,
+        },
+    )
+    return replace(config, sustained_rate=rate, daily_quota=daily)
