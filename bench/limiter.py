@@ -75,7 +75,7 @@ async def _throughput(url: str, prefix: str, name: str, tasks: int, seconds: flo
     async def one() -> None:
         nonlocal count
         while time.monotonic() < end:
-            await limiter.acquire(p, 1)
+            await limiter.acquire(p, [1])
             count += 1
 
     try:
@@ -115,7 +115,7 @@ async def _hammer(
                 else:
                     await asyncio.sleep(random.uniform(0.005, 0.02))
                 continue
-            grant = await limiter.acquire(p, n)
+            grant = await limiter.acquire(p, [n])
             if grant.granted:
                 out.append((grant.at_us, grant.granted))
             if grant.granted < n:

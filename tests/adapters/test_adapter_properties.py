@@ -26,7 +26,7 @@ def test_sendgrid_packing_keeps_every_message_once_in_valid_requests(
     specs: list[tuple[str, str]],
 ) -> None:
     messages = [email(f"i{n}", r, html=h) for n, (r, h) in enumerate(specs)]
-    requests = pack(messages)
+    requests = [[messages[i] for i in call] for call in pack(messages)]
     flat = [m.intent_id for request in requests for m in request]
     assert sorted(flat) == sorted(m.intent_id for m in messages)
     for request in requests:
@@ -38,6 +38,23 @@ def test_sendgrid_packing_keeps_every_message_once_in_valid_requests(
     for html in {m.html for m in messages}:
         same = [m.intent_id for m in messages if m.html == html]
         assert [i for i in flat if i in set(same)] == same
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(recipients, bodies), min_size=1, max_size=120), st.data())
+def test_sendgrid_packs_what_the_limiter_granted_of_a_plan_into_the_same_calls(
+    specs: list[tuple[str, str]], data: st.DataObject
+) -> None:
+    """The servicer reserves the plan's first k calls (the last possibly cut short) and
+    hands the adapter just those messages: packing them again must make those k calls."""
+    messages = [email(f"i{n}", r, html=h) for n, (r, h) in enumerate(specs)]
+    plan = pack(messages)
+    k = data.draw(st.integers(1, len(plan)))
+    cut = data.draw(st.integers(1, len(plan[k - 1])))
+    calls = [*plan[: k - 1], plan[k - 1][:cut]]
+    chosen = sorted(i for call in calls for i in call)
+    again = pack([messages[i] for i in chosen])
+    assert [[chosen[i] for i in call] for call in again] == calls
 
 
 @settings(max_examples=200, deadline=None)

@@ -78,6 +78,8 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
     # outcomes forced for every message of every call (e.g. SEND_OUTCOME_UNKNOWN)
     force: sender_pb2.SendOutcome.ValueType | None = None
     capacity_down: bool = False
+    # GetCapacity calls: how often a router probed this sender
+    probes: int = 0
 
     def sent(self) -> list[sender_pb2.OutboundMessage]:
         return [m for c in self.calls for m in c.messages]
@@ -132,6 +134,7 @@ class FakeSender(sender_pb2_grpc.SenderServiceServicer):
     async def GetCapacity(
         self, request: sender_pb2.GetCapacityRequest, context: grpc.aio.ServicerContext
     ) -> sender_pb2.GetCapacityResponse:
+        self.probes += 1
         if self.capacity_down:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "redis down")
         return sender_pb2.GetCapacityResponse()

@@ -192,6 +192,43 @@ def test_degraded_is_a_last_resort() -> None:
     assert d.provider == "cheap"
 
 
+def test_a_provider_closed_to_one_kind_still_takes_the_others() -> None:
+    # cheap's circuit for marketing is open: marketing goes to dear, transactional stays.
+    cheap = replace(BASE, closed={"marketing": "circuit open"})
+    decisions, _ = run([demand(), demand("transactional")], [cheap, DEAR])
+    assert [d.provider for d in decisions] == ["dear", "cheap"]
+    assert decisions[0].reason == (
+        "dear: cheapest that meets the deadline (passed over: cheap circuit open for marketing)"
+    )
+    assert decisions[1].reason == "cheap: cheapest that meets the deadline"
+    (alone,), _ = run([demand()], [cheap])
+    assert alone.verdict is Verdict.WAIT
+    assert alone.reason == (
+        "no provider can take intent marketing now: cheap circuit open for marketing"
+    )
+
+
+def test_the_reason_names_cheaper_providers_passed_over_and_why() -> None:
+    sick = replace(BASE, degraded=True)
+    spent = p("spent", 0.05, 10, daily_quota=5, quota_used=5)
+    off = p("off", 0.01, 10, enabled=False)  # configuration, not news: not named
+    (d,), _ = run([demand()], [sick, spent, off, DEAR])
+    assert d.reason == (
+        "dear: cheapest that meets the deadline"
+        " (passed over: spent daily quota spent, cheap degraded)"
+    )
+
+
+def test_a_router_plans_with_its_share_of_each_provider() -> None:
+    # Two routers: each plans 5/s and a burst of 10 on cheap (10/s, burst 20), so their
+    # plans together never exceed what cheap can send before the deadline.
+    half = replace(BASE, share=0.5)
+    decisions, _ = run([demand(within=11) for _ in range(100)], [half, DEAR])
+    assert routed(decisions)["cheap"] == 10 + 5 * 10
+    decisions, _ = run([demand(within=11) for _ in range(200)], [BASE, DEAR])
+    assert routed(decisions)["cheap"] == 20 + 10 * 10
+
+
 def test_unlimited_provider_never_builds_a_backlog() -> None:
     free = p("free", 0.0, 0, burst=0)
     decisions, plan = run([demand(within=2) for _ in range(5000)], [free, DEAR])
@@ -327,6 +364,8 @@ providers_st = st.lists(
         circuit_open=st.booleans(),
         degraded=st.booleans(),
         available_at=st.sampled_from([None, NOW + 5, NOW + 120]),
+        closed=st.dictionaries(st.sampled_from(KINDS), st.just("circuit open"), max_size=2),
+        share=st.sampled_from([1.0, 1.0, 0.5, 1 / 3]),
     ),
     max_size=5,
     unique_by=lambda s: s.name,
@@ -372,6 +411,7 @@ def test_every_decision_is_one_a_rule_allows(
         if d.verdict is Verdict.ROUTE:
             chosen = by_name[d.provider or ""]
             assert usable(chosen)
+            assert want.kind not in chosen.closed
             assert d.cost == pytest.approx(chosen.cost_per_thousand / 1000)
             if chosen.degraded:
                 healthy = [s for s in could if usable(s) and not s.degraded]
@@ -396,7 +436,11 @@ def test_one_intent_goes_to_the_cheapest_candidate_that_meets_its_deadline(
     want = want._replace(planned_provider=None)
     (d,), _ = run([want], providers, plan, config=config)
     cands = sorted(
-        (s for s in providers if usable(s) and s.serves(want.kind, want.needs_smtputf8)),
+        (
+            s
+            for s in providers
+            if usable(s) and s.serves(want.kind, want.needs_smtputf8) and want.kind not in s.closed
+        ),
         key=lambda s: (s.cost_per_thousand, s.name),
     )
     if not cands:
@@ -406,7 +450,8 @@ def test_one_intent_goes_to_the_cheapest_candidate_that_meets_its_deadline(
     def finish(s: ProviderState) -> float:
         if math.isinf(s.rate):
             return NOW
-        return NOW + max(0.0, plan.backlog(s.name, NOW, s.rate) + 1 - s.burst) / s.rate
+        rate = s.rate * s.share
+        return NOW + max(0.0, plan.backlog(s.name, NOW, rate) + 1 - s.burst * s.share) / rate
 
     in_time = [s for s in cands if finish(s) <= want.deadline - config.margin_seconds]
     expected = in_time[0] if in_time else min(cands, key=finish)

@@ -99,6 +99,24 @@ def test_degraded_provider_is_avoided_only_while_a_healthy_one_exists() -> None:
 # ---- planning ----------------------------------------------------------------------------
 
 
+def test_a_provider_avoided_for_one_kind_stays_a_candidate_for_the_others() -> None:
+    chooser = ProviderChooser(
+        [
+            provider("cheap", 0.1, ("marketing", "transactional")),
+            provider("dear", 0.3, ("marketing", "transactional")),
+        ]
+    )
+    lease = [intent("marketing"), intent("transactional")]
+    plan = plan_routes(lease, chooser, now=NOW, avoid={"marketing": {"cheap": "circuit open"}})
+    by_kind = {b.intents[0].kind: b for b in plan.batches}
+    assert (by_kind["marketing"].provider, by_kind["transactional"].provider) == ("dear", "cheap")
+    # Each batch carries the policy's reason for each of its intents.
+    assert by_kind["marketing"].reasons == (
+        "dear: cheapest that meets the deadline (passed over: cheap circuit open for marketing)",
+    )
+    assert by_kind["transactional"].reasons == ("cheap: cheapest that meets the deadline",)
+
+
 def test_an_intent_without_provider_fails_alone_and_the_rest_is_batched() -> None:
     chooser = ProviderChooser([provider("cheap", 0.1, ("marketing",))])
     ok = [intent() for _ in range(3)]

@@ -25,7 +25,7 @@ async def hammer(
     """Asks for a few sends at a time until end_at, sleeping retry_after when throttled."""
     while time.time() < end_at:
         n = random.randint(1, 8)
-        grant = await limiter.acquire(provider, n)
+        grant = await limiter.acquire(provider, [n])
         if grant.granted:
             out.append([grant.at_us, grant.granted])
         if grant.granted < n:

@@ -24,7 +24,7 @@ from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
 from sluice.common.telemetry import disabled
 from sluice.sender.providers.sandbox import SandboxLedger, SandboxProvider
-from sluice.sender.ratelimit import RateLimiter, jittered
+from sluice.sender.ratelimit import RateLimiter, even_requests, granted_of, jittered
 from sluice.sender.render_pool import RenderPool
 from sluice.sender.service import SenderServicer
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -51,7 +51,7 @@ else:  # until the adapters branch's ProviderConfig (with these fields) is merge
     _Config = _WithRequestLimits
 
 
-def provider(rate: float = 0, burst: int = 0, *, batch: int = 100, **limits: Any) -> ProviderConfig:
+def provider(rate: float = 0, burst: int = 0, **limits: Any) -> ProviderConfig:
     return _Config(
         name=f"p{uuid.uuid4().hex[:8]}",
         kind="sandbox",
@@ -59,7 +59,6 @@ def provider(rate: float = 0, burst: int = 0, *, batch: int = 100, **limits: Any
         sustained_rate=rate,
         burst=burst,
         intents=frozenset({"marketing"}),
-        max_batch_size=batch,
         **limits,
     )
 
@@ -70,24 +69,24 @@ def limiter(redis_client: aioredis.Redis, redis_prefix: str) -> RateLimiter:
 
 
 async def test_request_limits_count_batches_not_messages(limiter: RateLimiter) -> None:
-    p = provider(batch=10, requests_per_second=2, request_burst=4)
-    g = await limiter.acquire(p, 100, now_us=T0)
+    p = provider(requests_per_second=2, request_burst=4)
+    g = await limiter.acquire(p, even_requests(100, 10), now_us=T0)
     assert (g.granted, g.requests) == (40, 4)
     # Request bucket empty (0.5 s to the next token) and window full until T0 + 1.05 s.
     assert g.retry_after == pytest.approx(WINDOW / S)
-    assert (await limiter.acquire(p, 1, now_us=T0 + WINDOW - 1)).granted == 0
-    g = await limiter.acquire(p, 100, now_us=T0 + WINDOW)
+    assert (await limiter.acquire(p, [1], now_us=T0 + WINDOW - 1)).granted == 0
+    g = await limiter.acquire(p, even_requests(100, 10), now_us=T0 + WINDOW)
     # 2.1 tokens refilled: two more requests.
     assert (g.granted, g.requests) == (20, 2)
     # A short batch still costs a whole request.
-    q = provider(batch=10, requests_per_second=1, request_burst=1)
-    assert (await limiter.acquire(q, 3, now_us=T0)).requests == 1
-    assert (await limiter.acquire(q, 3, now_us=T0 + 1)).granted == 0
+    q = provider(requests_per_second=1, request_burst=1)
+    assert (await limiter.acquire(q, [3], now_us=T0)).requests == 1
+    assert (await limiter.acquire(q, [3], now_us=T0 + 1)).granted == 0
 
 
 async def test_both_dimensions_grant_only_what_both_allow(limiter: RateLimiter) -> None:
-    p = provider(50, 100, batch=30, requests_per_second=2, request_burst=2)
-    g = await limiter.acquire(p, 200, now_us=T0)
+    p = provider(50, 100, requests_per_second=2, request_burst=2)
+    g = await limiter.acquire(p, even_requests(200, 30), now_us=T0)
     # Messages allow 100 = 4 requests of 30; requests allow 2: 60 messages.
     assert (g.granted, g.requests) == (60, 2)
     cap = await limiter.capacity(p, now_us=T0)
@@ -98,18 +97,37 @@ async def test_both_dimensions_grant_only_what_both_allow(limiter: RateLimiter) 
     assert cap.available == 40  # message view; the request limits add the retry-after
 
 
+async def test_the_request_shape_is_granted_in_order_the_last_call_cut_short(
+    limiter: RateLimiter,
+) -> None:
+    # Five calls of 100 (Resend's batch size), whatever max_batch_size says (100 here).
+    shape = [100, 100, 100, 100, 100]
+    g = await limiter.acquire(provider(requests_per_second=2, request_burst=2), shape, now_us=T0)
+    assert (g.granted, g.requests) == (200, 2)
+    # The messages run out inside the second call: it goes with 50.
+    g = await limiter.acquire(provider(150, 150, request_burst=5), shape, now_us=T0)
+    assert (g.granted, g.requests) == (150, 2)
+    assert granted_of([list(range(i, i + 100)) for i in range(0, 500, 100)], g) == list(range(150))
+    # Uneven calls (SendGrid packing by content): taken whole while both allow.
+    g = await limiter.acquire(provider(request_burst=3), [3, 1, 1, 1, 4], now_us=T0)
+    assert (g.granted, g.requests) == (5, 3)
+    # Calls are taken in their order: a plan's second call holds messages 1 and 3.
+    plan = [[0, 2], [1, 3], [4]]
+    assert granted_of(plan, type(g)(granted=3, retry_after=0.0, requests=2)) == [0, 1, 2]
+
+
 async def test_rolling_daily_quota(limiter: RateLimiter) -> None:
     p = provider(daily_quota=25)
-    assert (await limiter.acquire(p, 10, now_us=T0)).granted == 10
-    assert (await limiter.acquire(p, 10, now_us=T0 + 3_600 * S)).granted == 10
-    g = await limiter.acquire(p, 10, now_us=T0 + 7_200 * S)
+    assert (await limiter.acquire(p, [10], now_us=T0)).granted == 10
+    assert (await limiter.acquire(p, [10], now_us=T0 + 3_600 * S)).granted == 10
+    g = await limiter.acquire(p, [10], now_us=T0 + 7_200 * S)
     assert g.granted == 5
     assert (await limiter.capacity(p, now_us=T0 + 7_200 * S)).daily_used == 25
-    g = await limiter.acquire(p, 1, now_us=T0 + 7_200 * S)
+    g = await limiter.acquire(p, [1], now_us=T0 + 7_200 * S)
     assert g.granted == 0
     # The first hour's 10 leave the rolling window 24 h after that hour began.
     assert g.retry_after == pytest.approx(22 * 3_600)
-    assert (await limiter.acquire(p, 20, now_us=T0 + 24 * 3_600 * S)).granted == 10
+    assert (await limiter.acquire(p, [20], now_us=T0 + 24 * 3_600 * S)).granted == 10
 
 
 async def test_throttle_reports_halve_the_rate_for_everyone_and_it_recovers(
@@ -122,14 +140,14 @@ async def test_throttle_reports_halve_the_rate_for_everyone_and_it_recovers(
     # Reports of the same throttled burst within the cooldown do not compound (and the
     # factor already recovers, 0.05 per second).
     assert await a.report_throttled(p, now_us=T0 + 500_000) == pytest.approx(0.525)
-    g = await b.acquire(p, 100, now_us=T0 + 500_000)
+    g = await b.acquire(p, [100], now_us=T0 + 500_000)
     assert g.granted == 5  # burst 10 scaled to 5, bucket capacity too
     assert (await b.capacity(p, now_us=T0 + 500_000)).factor == pytest.approx(0.525)
     assert await b.report_throttled(p, now_us=T0 + S) == pytest.approx(0.275)
     # Recovery is linear, 0.05 per second, up to 1.
     assert (await a.capacity(p, now_us=T0 + 11 * S)).factor == pytest.approx(0.775)
     assert (await a.capacity(p, now_us=T0 + 30 * S)).factor == pytest.approx(1.0)
-    assert (await a.acquire(p, 100, now_us=T0 + 30 * S)).granted == 10
+    assert (await a.acquire(p, [100], now_us=T0 + 30 * S)).granted == 10
     # Throttled once a second for good: it settles at the floor, never below.
     factors = [await a.report_throttled(p, now_us=T0 + (40 + i) * S) for i in range(30)]
     assert min(factors) >= 0.05
@@ -139,41 +157,41 @@ async def test_throttle_reports_halve_the_rate_for_everyone_and_it_recovers(
 async def test_retry_after_pauses_every_replica_and_headers_cap_the_rate(
     limiter: RateLimiter,
 ) -> None:
-    p = provider(10, 10, batch=5, requests_per_second=10)
+    p = provider(10, 10, requests_per_second=10)
     await limiter.report_throttled(p, retry_after=2.0, now_us=T0)
-    g = await limiter.acquire(p, 5, now_us=T0 + 500_000)
+    g = await limiter.acquire(p, [5], now_us=T0 + 500_000)
     assert g.granted == 0
     assert g.retry_after == pytest.approx(1.5)
     assert (await limiter.capacity(p, now_us=T0 + 500_000)).paused_for == pytest.approx(1.5)
-    assert (await limiter.acquire(p, 5, now_us=T0 + 2 * S)).granted == 5
+    assert (await limiter.acquire(p, [5], now_us=T0 + 2 * S)).granted == 5
     # Headers of an accepted answer: the published 2 requests/s caps the configured 10/s,
     # without cutting the factor (0.5 from the report above, recovering).
-    q = provider(batch=5, requests_per_second=10)
+    q = provider(requests_per_second=10)
     await limiter.report_throttled(q, published_rps=2, throttled=False, now_us=T0)
     cap = await limiter.capacity(q, now_us=T0)
     assert (cap.factor, cap.published_rps) == (pytest.approx(1.0), pytest.approx(2.0))
-    g = await limiter.acquire(q, 100, now_us=T0)
+    g = await limiter.acquire(q, even_requests(100, 5), now_us=T0)
     assert (g.granted, g.requests) == (10, 2)  # bucket capacity = the published rate
 
 
 async def test_a_published_rate_caps_the_request_burst_too(limiter: RateLimiter) -> None:
     # Configured for 10 requests at once; the provider announced 2 a second (its limit per
     # one-second window): more than 2 at once would be refused, whatever the rate.
-    p = provider(batch=1, requests_per_second=10, request_burst=10)
+    p = provider(requests_per_second=10, request_burst=10)
     await limiter.report_throttled(p, published_rps=2, throttled=False, now_us=T0)
-    g = await limiter.acquire(p, 100, now_us=T0)
+    g = await limiter.acquire(p, [1] * 100, now_us=T0)
     assert (g.granted, g.requests) == (2, 2)
-    assert (await limiter.acquire(p, 100, now_us=T0 + 500_000)).granted == 0
+    assert (await limiter.acquire(p, [1] * 100, now_us=T0 + 500_000)).granted == 0
     # A fractional rate (30 a minute) still lets one request through at a time.
-    q = provider(batch=1)
+    q = provider()
     await limiter.report_throttled(q, published_rps=0.5, throttled=False, now_us=T0)
-    assert (await limiter.acquire(q, 100, now_us=T0)).granted == 1
-    assert (await limiter.acquire(q, 100, now_us=T0 + S)).granted == 0
-    assert (await limiter.acquire(q, 100, now_us=T0 + 2 * S + 1)).granted == 1
+    assert (await limiter.acquire(q, [1] * 100, now_us=T0)).granted == 1
+    assert (await limiter.acquire(q, [1] * 100, now_us=T0 + S)).granted == 0
+    assert (await limiter.acquire(q, [1] * 100, now_us=T0 + 2 * S + 1)).granted == 1
 
 
 async def test_an_unchanged_announcement_is_not_written_again(limiter: RateLimiter) -> None:
-    p = provider(batch=1, requests_per_second=10)
+    p = provider(requests_per_second=10)
     assert await limiter.report_throttled(p, published_rps=2, throttled=False) == 1.0
     # Headers on every answer: the same rate again within the refresh costs no Redis call.
     assert await limiter.report_throttled(p, published_rps=2, throttled=False) is None
@@ -189,10 +207,10 @@ async def test_an_unlimited_provider_honours_a_reported_pause(
     limiter: RateLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     p = provider()
-    assert (await limiter.acquire(p, 500)).granted == 500
+    assert (await limiter.acquire(p, [500])).granted == 500
     assert [k async for k in redis_client.scan_iter(match=f"{redis_prefix}:*")] == []
     await limiter.report_throttled(p, retry_after=30)
-    g = await limiter.acquire(p, 500)
+    g = await limiter.acquire(p, [500])
     assert g.granted == 0
     assert 29 < g.retry_after <= 30
 
@@ -256,7 +274,7 @@ async def test_redis_down_sends_nothing_answers_unavailable_and_recovers(
     records on the suite's Redis, so what reached the "provider" is counted independently."""
     port = _free_port()
     workdir = tempfile.mkdtemp(prefix="sluice-rl-redis-")
-    config = provider(100, 100, batch=10)
+    config = provider(100, 100)
     lim_client = aioredis.Redis(
         host="127.0.0.1", port=port, socket_connect_timeout=1, retry=Retry(NoBackoff(), 1)
     )
@@ -335,7 +353,7 @@ async def test_unreachable_limiter_raises_unavailable_with_retry_after() -> None
     client = aioredis.Redis(host="127.0.0.1", port=_free_port(), retry=Retry(NoBackoff(), 0))
     try:
         with pytest.raises(Unavailable) as info:
-            await RateLimiter(client, "down").acquire(provider(10, 20), 1)
+            await RateLimiter(client, "down").acquire(provider(10, 20), [1])
         assert 1.0 <= info.value.retry_after <= 1.1
     finally:
         await client.aclose()
@@ -344,13 +362,13 @@ async def test_unreachable_limiter_raises_unavailable_with_retry_after() -> None
 async def test_preview_grants_what_acquire_would_and_reserves_nothing(
     limiter: RateLimiter,
 ) -> None:
-    p = provider(10, 20, batch=5, requests_per_second=2, request_burst=3, daily_quota=100)
-    await limiter.acquire(p, 4, now_us=T0)
+    p = provider(10, 20, requests_per_second=2, request_burst=3, daily_quota=100)
+    await limiter.acquire(p, [4], now_us=T0)
     for at in (T0 + 1, T0 + 300_000, T0 + 2 * S):
-        first = await limiter.preview(p, 50, now_us=at)
-        again = await limiter.preview(p, 50, now_us=at)
+        first = await limiter.preview(p, even_requests(50, 5), now_us=at)
+        again = await limiter.preview(p, even_requests(50, 5), now_us=at)
         assert first == again  # nothing was reserved
-        real = await limiter.acquire(p, 50, now_us=at)
+        real = await limiter.acquire(p, even_requests(50, 5), now_us=at)
         assert (real.granted, real.requests, real.retry_after) == (
             first.granted,
             first.requests,
@@ -361,7 +379,7 @@ async def test_preview_grants_what_acquire_would_and_reserves_nothing(
 async def test_get_capacity_shows_request_limits_quota_and_adaptive_state(
     redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
-    p = provider(10, 20, batch=10, requests_per_second=2, request_burst=4, daily_quota=1000)
+    p = provider(10, 20, requests_per_second=2, request_burst=4, daily_quota=1000)
     limiter = RateLimiter(redis_client, redis_prefix)
     pool = RenderPool(1)
     servicer = SenderServicer(
@@ -372,7 +390,7 @@ async def test_get_capacity_shows_request_limits_quota_and_adaptive_state(
         render_pool=pool,
     )
     try:
-        await limiter.acquire(p, 15)
+        await limiter.acquire(p, [10, 5])
         await limiter.report_throttled(p, retry_after=30, published_rps=1.5)
         reply = await servicer.GetCapacity(
             sender_pb2.GetCapacityRequest(provider=p.name), cast(Any, None)

@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 
 from sluice.common.errors import Unavailable
 from sluice.common.providers import ProviderConfig
-from sluice.sender.ratelimit import Capacity, Grant, RateLimiter, rate_limit_keys
+from sluice.sender.ratelimit import Capacity, Grant, RateLimiter, even_requests, rate_limit_keys
 
 REDIS_URL = os.environ.get("SLUICE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 BASE_US = 1_700_000_000_000_000
@@ -91,15 +91,15 @@ def test_window_helpers_detect_violations() -> None:
 
 async def test_grants_within_limits_then_partial_with_retry(limiter: RateLimiter) -> None:
     p = provider(14, 30)
-    first = await limiter.acquire(p, 20)
+    first = await limiter.acquire(p, [20])
     assert first == Grant(granted=20, retry_after=0.0, at_us=first.at_us, requests=1)
     assert first.at_us > 0
-    second = await limiter.acquire(p, 20)
+    second = await limiter.acquire(p, [20])
     assert second.granted == 10
     # The window is full: room comes back when the first grant leaves it.
     expected = (first.at_us + WINDOW_US - second.at_us) / 1e6
     assert second.retry_after == pytest.approx(expected, abs=1e-6)
-    third = await limiter.acquire(p, 1)
+    third = await limiter.acquire(p, [1])
     assert third.granted == 0
     assert 0 < third.retry_after <= second.retry_after
 
@@ -107,25 +107,25 @@ async def test_grants_within_limits_then_partial_with_retry(limiter: RateLimiter
 async def test_retry_after_math_with_simulated_clock(limiter: RateLimiter) -> None:
     # Sustained only: capacity = rate = 10; the bucket wait is (1 - tokens) / rate, + 1 µs.
     p = provider(10, 0)
-    assert (await limiter.acquire(p, 15, now_us=BASE_US)).granted == 10
-    g = await limiter.acquire(p, 1, now_us=BASE_US + 40_000)  # 0.4 tokens
+    assert (await limiter.acquire(p, [15], now_us=BASE_US)).granted == 10
+    g = await limiter.acquire(p, [1], now_us=BASE_US + 40_000)  # 0.4 tokens
     assert g.granted == 0
     assert g.retry_after == pytest.approx(0.060001, abs=1e-6)
-    assert (await limiter.acquire(p, 1, now_us=BASE_US + 40_000 + 59_000)).granted == 0
-    assert (await limiter.acquire(p, 1, now_us=BASE_US + 100_001)).granted == 1
+    assert (await limiter.acquire(p, [1], now_us=BASE_US + 40_000 + 59_000)).granted == 0
+    assert (await limiter.acquire(p, [1], now_us=BASE_US + 100_001)).granted == 1
 
     # Burst only: the window wait is oldest grant + window - now.
     q = provider(0, 5)
-    g = await limiter.acquire(q, 7, now_us=BASE_US)
+    g = await limiter.acquire(q, [7], now_us=BASE_US)
     assert g.granted == 5
     assert g.retry_after == pytest.approx(1.05)
-    assert (await limiter.acquire(q, 1, now_us=BASE_US + WINDOW_US - 1)).granted == 0
-    assert (await limiter.acquire(q, 9, now_us=BASE_US + WINDOW_US)).granted == 5
+    assert (await limiter.acquire(q, [1], now_us=BASE_US + WINDOW_US - 1)).granted == 0
+    assert (await limiter.acquire(q, [9], now_us=BASE_US + WINDOW_US)).granted == 5
 
     # Both: the longer wait wins.
     r = provider(4, 8)
-    assert (await limiter.acquire(r, 8, now_us=BASE_US)).granted == 8
-    g = await limiter.acquire(r, 1, now_us=BASE_US + 300_000)  # bucket has 1.2, window full
+    assert (await limiter.acquire(r, [8], now_us=BASE_US)).granted == 8
+    g = await limiter.acquire(r, [1], now_us=BASE_US + 300_000)  # bucket has 1.2, window full
     assert g.granted == 0
     assert g.retry_after == pytest.approx(0.75)
 
@@ -135,7 +135,7 @@ async def test_capacity_reads_without_consuming(limiter: RateLimiter) -> None:
     fresh = await limiter.capacity(p, now_us=BASE_US)
     assert fresh == Capacity(20.0, 10.0, 20, 20, unlimited=False)
     assert fresh.available == 20
-    await limiter.acquire(p, 15, now_us=BASE_US)
+    await limiter.acquire(p, [15], now_us=BASE_US)
     for _ in range(3):
         cap = await limiter.capacity(p, now_us=BASE_US + 100_000)
         assert cap.sustained_tokens == pytest.approx(6.0)
@@ -144,14 +144,15 @@ async def test_capacity_reads_without_consuming(limiter: RateLimiter) -> None:
     # After the window passes, peek sees the grant gone even though it did not prune it.
     later = await limiter.capacity(p, now_us=BASE_US + WINDOW_US)
     assert later.burst_available == 20
-    assert (await limiter.acquire(p, 6, now_us=BASE_US + 100_000)).granted == 5
+    assert (await limiter.acquire(p, [6], now_us=BASE_US + 100_000)).granted == 5
 
 
 async def test_unlimited_provider_never_touches_redis(
     limiter: RateLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     p = provider(0, 0)
-    assert await limiter.acquire(p, 10_000) == Grant(granted=10_000, retry_after=0.0, requests=100)
+    grant = await limiter.acquire(p, even_requests(10_000, 100))
+    assert grant == Grant(granted=10_000, retry_after=0.0, requests=100)
     cap = await limiter.capacity(p)
     assert cap.unlimited
     assert cap.available is None
@@ -162,7 +163,7 @@ async def test_keys_are_hash_tagged_and_expire(
     limiter: RateLimiter, redis_client: aioredis.Redis, redis_prefix: str
 ) -> None:
     p = provider(10, 20, name="ses")
-    await limiter.acquire(p, 5)
+    await limiter.acquire(p, [5])
     keys = rate_limit_keys(redis_prefix, "ses")
     assert keys[:2] == [f"{redis_prefix}:rl:{{ses}}:sustained", f"{redis_prefix}:rl:{{ses}}:burst"]
     assert all(k.startswith(f"{redis_prefix}:rl:{{ses}}:") for k in keys)
@@ -182,15 +183,16 @@ async def test_redis_down_raises_unavailable() -> None:
     client = aioredis.Redis(host="127.0.0.1", port=port, retry=Retry(NoBackoff(), 0))
     try:
         with pytest.raises(Unavailable, match="rate limiter"):
-            await RateLimiter(client, "down").acquire(provider(10, 20), 1)
+            await RateLimiter(client, "down").acquire(provider(10, 20), [1])
     finally:
         await client.aclose()
 
 
-async def test_rejects_negative_requests(limiter: RateLimiter) -> None:
-    with pytest.raises(ValueError, match="negative"):
-        await limiter.acquire(provider(10, 20), -1)
-    assert await limiter.acquire(provider(10, 20), 0) == Grant(0, 0.0)
+async def test_rejects_empty_requests(limiter: RateLimiter) -> None:
+    for size in (-1, 0):
+        with pytest.raises(ValueError, match="at least one message"):
+            await limiter.acquire(provider(10, 20), [5, size])
+    assert await limiter.acquire(provider(10, 20), []) == Grant(0, 0.0)
 
 
 @st.composite
@@ -226,7 +228,7 @@ async def test_simulated_clock_never_exceeds_limits(
     for advance, n in steps:
         waited = retry_us if advance is None else advance
         now += waited
-        g = await limiter.acquire(p, n, now_us=now)
+        g = await limiter.acquire(p, [n], now_us=now)
         assert g.at_us == now
         assert 0 <= g.granted <= n
         if retry_us and waited >= retry_us:
@@ -258,7 +260,7 @@ async def test_constant_demand_uses_nearly_all_capacity(
     now = BASE_US
     late = 0  # granted in the second half: the long-run rate, past the initial full bucket
     while now < BASE_US + horizon_us:
-        g = await limiter.acquire(p, demand, now_us=now)
+        g = await limiter.acquire(p, [demand], now_us=now)
         assert g.granted == demand or g.retry_after > 0, "throttled with no retry-after"
         if now >= BASE_US + horizon_us // 2:
             late += g.granted

@@ -170,6 +170,10 @@ class _Unreachable:
     """An adapter whose provider cannot be reached: nothing is handed over."""
 
     name = "fast"
+    largest_request = None
+
+    def plan(self, messages: list[object]) -> list[list[int]]:
+        return [list(range(len(messages)))]
 
     async def send_batch(self, messages: object) -> list[object]:
         raise Unavailable("connection refused")

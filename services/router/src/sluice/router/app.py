@@ -61,7 +61,7 @@ class RouterResources:
     pool: asyncpg.Pool
     sender: SenderServiceAsyncStub
     providers: tuple[ProviderConfig, ...]
-    # shares throttle pacing between routers; None: each router paces alone
+    # shares pacing, circuits, outage clocks and capacity between routers; None: each alone
     redis: Any = None
 
 
@@ -136,6 +136,8 @@ def build(
         metrics=observer,
         redis=resources.redis,
     )
+    if dispatcher.state.shared is not None:
+        observer.watch_shared_state(dispatcher.state.shared)
     router_pb2_grpc.add_RouterServiceServicer_to_server(
         RouterServicer(
             resources.pool, resources.providers, health, dispatcher.state, dispatcher.book

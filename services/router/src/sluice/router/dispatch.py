@@ -47,6 +47,7 @@ from sluice.router.round import RoundBook, RoundWork, account, write_back
 from sluice.router.routing import PlannedBatch
 from sluice.router.sender_client import BatchOutcome, MessageOutcome, SenderClient
 from sluice.router.settings import RouterSettings
+from sluice.router.shared_state import shared_state
 from sluice.router.stats import DispatchStats, RoundResult
 from sluice.router.tracing import RoundTracing
 from sluice.v1 import sender_pb2
@@ -120,11 +121,10 @@ class Dispatcher:
             health=health if health is not None else ProviderHealthTracker(providers),
             circuits=circuits if circuits is not None else CircuitBreakers(settings.circuit()),
             pacer=pacer,
-            outages=OutageClock(
-                probe_interval=settings.outage_probe_seconds,
-                hold_max=settings.outage_hold_max_seconds,
-                rng=self._rng,
-            ),
+            outages=self._outage_clock(),
+            shared=shared_state(settings, redis, providers, self._outage_clock())
+            if redis is not None
+            else None,
         )
         self.health = self.state.health
         self.stats = DispatchStats()
@@ -143,6 +143,13 @@ class Dispatcher:
         self._recovered = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rounds: dict[uuid.UUID, _Round] = {}
+
+    def _outage_clock(self) -> OutageClock:
+        return OutageClock(
+            probe_interval=self.settings.outage_probe_seconds,
+            hold_max=self.settings.outage_hold_max_seconds,
+            rng=self._rng,
+        )
 
     # ---- lifecycle -------------------------------------------------------------------------
 
@@ -272,9 +279,9 @@ class Dispatcher:
         """Probes every target believed down; releases the intents held for those that
         answer. Returns the targets that recovered."""
         recovered = []
-        for target in self.state.outages.targets():
+        for target in await self.state.probe_targets():
             provider = None if target.startswith("<") else target
-            if await self._client.probe(provider) and self.state.outages.up(target):
+            if await self._client.probe(provider) and await self.state.answered(target):
                 recovered.append(target)
         await self._release_held(recovered)
         return recovered
@@ -387,7 +394,7 @@ class Dispatcher:
 
     async def _resolve(self, batch: PlannedBatch, outcome: BatchOutcome) -> list[Completion]:
         kind = batch.intents[0].kind if batch.intents else ""
-        recovered = self.state.observe(outcome, kind)
+        recovered = await self.state.observe(outcome, kind)
         if recovered:
             await self._release_held(recovered)
         now = datetime.now(UTC)

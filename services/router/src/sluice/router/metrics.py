@@ -16,7 +16,7 @@ from typing import Protocol
 from uuid import UUID
 
 from prometheus_client import Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sluice.common.db import Executor, db_boundary
@@ -65,6 +65,19 @@ class _Completion(Protocol):
 class _Health(Protocol):
     def success_rate(self, provider: str) -> float: ...
     def degraded(self) -> frozenset[str]: ...
+
+
+class _Shared(Protocol):
+    """What the metrics read of :class:`sluice.router.shared_state.SharedState`."""
+
+    @property
+    def active(self) -> bool: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def routers(self) -> int: ...
+    @property
+    def transitions(self) -> Mapping[tuple[str, str, str], int]: ...
 
 
 def outcome_of(c: _Completion) -> str:
@@ -157,6 +170,14 @@ class RouterMetrics:
             registry=registry,
         )
         registry.register(_HealthCollector([p.name for p in providers], health))
+        self._registry = registry
+
+    def watch_shared_state(self, shared: _Shared) -> None:
+        """Exports whether circuits and outages are shared (or local: Redis not answering),
+        the failed Redis calls, the routers counted, and the circuit transitions this
+        router's syncs made (each transition is counted by one router only)."""
+        if self.enabled:
+            self._registry.register(_SharedCollector(shared))
 
     def observe_round(
         self,
@@ -229,6 +250,38 @@ class _HealthCollector(Collector):
             healthy.add_metric([name], 0.0 if name in degraded else 1.0)
         yield ratio
         yield healthy
+
+
+class _SharedCollector(Collector):
+    def __init__(self, shared: _Shared) -> None:
+        self._shared = shared
+
+    def collect(self) -> Iterator[Metric]:
+        shared = self._shared
+        yield GaugeMetricFamily(
+            "sluice_router_shared_state_local",
+            "1 while this router routes on its own circuits and outage clock because Redis"
+            " does not answer, 0 while they are shared.",
+            value=0.0 if shared.active else 1.0,
+        )
+        yield CounterMetricFamily(
+            "sluice_router_shared_state_failures",
+            "Calls to Redis for shared circuit and outage state that failed or timed out.",
+            value=shared.failures,
+        )
+        yield GaugeMetricFamily(
+            "sluice_router_routers",
+            "Routers heard from lately; each plans with 1/this of every provider's capacity.",
+            value=shared.routers,
+        )
+        transitions = CounterMetricFamily(
+            "sluice_router_circuit_transitions",
+            "Circuits this router's syncs opened or closed, for every router.",
+            labels=["provider", "kind", "state"],
+        )
+        for (provider, kind, state), n in sorted(shared.transitions.items()):
+            transitions.add_metric([provider, kind or "*", state], n)
+        yield transitions
 
 
 class QueueSample:

@@ -11,12 +11,14 @@ and answers one :class:`Decision` per intent, plus the plan with this batch adde
 * ``NEVER``: no configured provider serves its kind (or SMTPUTF8 when it needs it).
 
 Choice. Candidates are the providers that are enabled, verified, serve the kind (and
-SMTPUTF8 when the address needs it), whose circuit is closed and whose daily quota is not
-spent. Cheapest first (ties by name), an intent goes to the first candidate whose planned
-finish meets its deadline less ``margin_seconds``: the finish is when the work already
-planned for that provider, sent at its burst and then its sustained rate, leaves room for
-this one. So mail spills to a dearer provider only when the cheaper ones would make it miss
-its deadline. When no candidate can meet it, it goes to the one that finishes first.
+SMTPUTF8 when the address needs it), whose circuit is closed, that are not ``closed`` to the
+kind (its circuit for that kind is open, or it is unreachable: other kinds still use it) and
+whose daily quota is not spent. Cheapest first (ties by name), an intent goes to the first
+candidate whose planned finish meets its deadline less ``margin_seconds``: the finish is
+when the work already planned for that provider, sent at its burst and then its sustained
+rate, leaves room for this one. So mail spills to a dearer provider only when the cheaper
+ones would make it miss its deadline. When no candidate can meet it, it goes to the one that
+finishes first.
 
 Headroom. A provider that is the only candidate for ``reserved_kind`` (transactional mail)
 keeps ``reserve`` of its sustained rate and daily quota for that kind: other kinds are
@@ -24,6 +26,14 @@ planned there at ``(1 - reserve)`` of its rate in a lane of their own, and may u
 ``(1 - reserve)`` of its quota, so a marketing flood cannot take the capacity password
 resets need. Reserved-kind intents are planned in a separate lane at the full rate: they
 lease before other kinds, so nothing planned in the shared lane delays them.
+
+Share. A router plans with ``share`` of each provider's rate and burst: R routers each
+plan their own leases, so each plans with 1/R of the capacity and together they never plan
+more than the provider sends (nor eat into the reserve), however the work is split.
+
+Reasons. A decision's reason names the rule that chose the provider and, when cheaper
+providers serving the kind were passed over (circuit open, closed to the kind, degraded,
+quota spent), which and why: what GetIntent shows.
 
 Plan. :class:`PlanState` holds, per lane, a backlog in messages as of a time; a backlog
 drains at the lane's rate while the provider's circuit is closed (a provider that is down
@@ -107,6 +117,10 @@ class ProviderState:
     circuit_open: bool = False
     degraded: bool = False
     available_at: float | None = None
+    #: kinds it must not take now, and why ("circuit open", "unreachable")
+    closed: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    #: the part of its rate and burst this router plans with (see the module docstring)
+    share: float = 1.0
 
     @property
     def rate(self) -> float:
@@ -127,6 +141,8 @@ def provider_state(
     circuit_open: bool = False,
     degraded: bool = False,
     available_at: float | None = None,
+    closed: Mapping[str, str] | None = None,
+    share: float = 1.0,
 ) -> ProviderState:
     """A :class:`ProviderState` from a :class:`sluice.common.providers.ProviderConfig` and
     what is true of the provider now."""
@@ -144,6 +160,8 @@ def provider_state(
         circuit_open=circuit_open,
         degraded=degraded,
         available_at=available_at,
+        closed=MappingProxyType(dict(closed)) if closed else MappingProxyType({}),
+        share=share,
     )
 
 
@@ -256,7 +274,9 @@ class _Planner:
         )
         self.lanes: dict[str, _Lane] = {}
         self.candidates: dict[tuple[str, bool], list[_Lane]] = {}
-        self.reasons: dict[tuple[str, str], str] = {}
+        # per (kind, SMTPUTF8): the providers serving it that are not candidates now, and why
+        self.passed: dict[tuple[str, bool], list[tuple[ProviderState, str]]] = {}
+        self.reasons: dict[tuple[str, str, str, bool], str] = {}
         # Waiting for a cheaper provider needs one whose circuit is open and that says when.
         self.waitable = any(
             p.circuit_open and p.available_at is not None and p.available_at > now
@@ -269,7 +289,7 @@ class _Planner:
         key = p.name + RESERVED_LANE if own else p.name
         lane = self.lanes.get(key)
         if lane is None:
-            share = 1.0 - self.config.reserve if reserved and not own else 1.0
+            share = (1.0 - self.config.reserve if reserved and not own else 1.0) * p.share
             rate = p.rate * share
             drain = 0.0 if p.circuit_open else rate
             quota = math.inf
@@ -282,11 +302,34 @@ class _Planner:
     def lanes_for(self, kind: str, needs_smtputf8: bool) -> list[_Lane]:
         found = self.candidates.get((kind, needs_smtputf8))
         if found is None:
-            healthy = [p for p in self.usable if p.serves(kind, needs_smtputf8)]
+            healthy = [
+                p for p in self.usable if p.serves(kind, needs_smtputf8) and kind not in p.closed
+            ]
             if any(not p.degraded for p in healthy):
                 healthy = [p for p in healthy if not p.degraded]
             found = self.candidates[(kind, needs_smtputf8)] = [self.lane(p, kind) for p in healthy]
+            chosen = {p.name for p in healthy}
+            self.passed[(kind, needs_smtputf8)] = [
+                (p, why)
+                for p in self.providers
+                if p.name not in chosen
+                and p.serves(kind, needs_smtputf8)
+                and (why := self._passed_why(p, kind)) is not None
+            ]
         return found
+
+    def _passed_why(self, p: ProviderState, kind: str) -> str | None:
+        """Why a provider serving ``kind`` is not a candidate, when that is worth telling
+        (disabled and unverified ones are configuration, not news)."""
+        why = self.unusable.get(p.name)
+        if why in ("circuit open", "daily quota spent"):
+            return why
+        if why is not None:
+            return None
+        closed = p.closed.get(kind)
+        if closed is not None:
+            return f"{closed} for {kind}"
+        return "degraded" if p.degraded else None
 
     def state(self) -> PlanState:
         lanes = dict(self.plan.lanes)
@@ -313,7 +356,7 @@ class _Planner:
                     if lane.provider is planned and lane.quota_left >= 1:
                         # Its slot is somewhere in that backlog, planned to meet the deadline
                         # when it was given: keep it (counted once, when it was planned).
-                        return self._take(lane, now, "its planned slot", count=False)
+                        return self._take(lane, now, "its planned slot", d, count=False)
             # It gives up that slot: the work planned there shrinks, and it is planned anew.
             lane = self.lane(planned, d.kind)
             lane.backlog = max(0.0, lane.backlog - 1.0)
@@ -336,13 +379,14 @@ class _Planner:
                 chosen,
                 finish,
                 f"no provider meets the deadline; {chosen.provider.name} finishes first",
+                d,
             )
         if self.waitable:
             waited = self._wait_for_cheaper(d, chosen, latest)
             if waited is not None:
                 return waited
         if not late:
-            return self._take(chosen, finish, "cheapest that meets the deadline")
+            return self._take(chosen, finish, "cheapest that meets the deadline", d)
         # Formatted only for the intents that spill: the common case stays cheap.
         margin = self.config.margin_seconds
         why = "; ".join(
@@ -350,18 +394,31 @@ class _Planner:
             f"deadline in {d.deadline - now:.0f} s less {margin:g} s"
             for lane, f in late
         )
-        return self._take(chosen, finish, "spilled: " + why)
+        return self._take(chosen, finish, "spilled: " + why, d)
 
-    def _take(self, lane: _Lane, finish: float, reason: str, *, count: bool = True) -> Decision:
+    def _take(
+        self, lane: _Lane, finish: float, reason: str, d: Demand, *, count: bool = True
+    ) -> Decision:
         if count:
             lane.backlog += 1.0
         lane.quota_left -= 1.0
         p = lane.provider
-        key = (p.name, reason)
+        key = (p.name, reason, d.kind, d.needs_smtputf8)
         text = self.reasons.get(key)
         if text is None:
-            text = self.reasons[key] = f"{p.name}: {reason}"
+            text = self.reasons[key] = f"{p.name}: {reason}" + self._passed_note(p, d)
         return Decision(Verdict.ROUTE, text, p.name, p.cost_per_thousand / 1000.0, finish)
+
+    def _passed_note(self, chosen: ProviderState, d: Demand) -> str:
+        """ " (passed over: ses circuit open, ...)" for the cheaper providers that were not
+        candidates, or "" when none was."""
+        rank = (chosen.cost_per_thousand, chosen.name)
+        cheaper = [
+            f"{p.name} {why}"
+            for p, why in self.passed.get((d.kind, d.needs_smtputf8), ())
+            if (p.cost_per_thousand, p.name) < rank
+        ]
+        return f" (passed over: {', '.join(cheaper)})" if cheaper else ""
 
     def _wait_for_cheaper(self, d: Demand, chosen: _Lane, latest: float) -> Decision | None:
         """WAIT for a cheaper provider that comes back soon, when waiting still meets the
@@ -392,12 +449,20 @@ class _Planner:
                 )
         return None
 
+    def _why_not_now(self, p: ProviderState, kind: str) -> str:
+        why = self.unusable.get(p.name)
+        if why is not None:
+            return why
+        closed = p.closed.get(kind)
+        # a usable provider serving the kind that is no candidate has its lane's quota spent
+        return f"{closed} for {kind}" if closed is not None else "daily quota spent"
+
     def _no_candidate(self, d: Demand) -> Decision:
         could = [p for p in self.providers if p.serves(d.kind, d.needs_smtputf8)]
         what = f"intent {d.kind}" + (" with an SMTPUTF8 address" if d.needs_smtputf8 else "")
         if not could:
             return Decision(Verdict.NEVER, f"no configured provider supports {what}")
-        why = ", ".join(f"{p.name} {self.unusable.get(p.name, 'daily quota spent')}" for p in could)
+        why = ", ".join(f"{p.name} {self._why_not_now(p, d.kind)}" for p in could)
         backs = [
             p.available_at
             for p in could

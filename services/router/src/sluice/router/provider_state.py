@@ -3,8 +3,13 @@ breakers, which targets are unreachable and for how long, throttle pacing, and c
 
 The dispatcher hands every :class:`~sluice.router.sender_client.BatchOutcome` to
 :meth:`ProviderState.observe` and asks it how to time what comes back
-(:meth:`ProviderState.timing`); routing asks it which providers to avoid
-(:meth:`ProviderState.avoid`); ListProviders and the metrics read it.
+(:meth:`ProviderState.timing`); routing asks it, once per round, which providers each kind
+must avoid and what share of their capacity to plan with (:meth:`ProviderState.view`);
+ListProviders and the metrics read it.
+
+With Redis, circuits, outage clocks and probes are shared by every router
+(:mod:`sluice.router.shared_state`); this router's own circuits and outage clock are fed all
+the same, and decide whenever Redis does not answer.
 
 Outages are timed, not counted: an intent that could not be handed over waits in
 proportion to how long its target has been down (at least ``probe_interval``, at most
@@ -19,17 +24,22 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
 
 from sluice.common.providers import ProviderConfig
-from sluice.router.circuit import CircuitBreakers
+from sluice.router.circuit import CircuitBreakers, CircuitState
 from sluice.router.health import ProviderHealthTracker
 from sluice.router.outcomes import SENDER_TARGET, Timing
 from sluice.router.pacing import Pacer
 from sluice.router.sender_client import BatchOutcome, outcome_name
 from sluice.v1 import sender_pb2
 
-__all__ = ["OutageClock", "ProviderState"]
+if TYPE_CHECKING:
+    from sluice.router.shared_state import SharedState
+
+__all__ = ["OutageClock", "ProviderState", "RoundView"]
 
 _ACCEPTED = sender_pb2.SEND_OUTCOME_ACCEPTED
 _UNAVAILABLE = sender_pb2.SEND_OUTCOME_PROVIDER_UNAVAILABLE
@@ -62,6 +72,16 @@ class OutageClock:
         """Notes that ``target`` answered; True when it was down until now."""
         return self._down_since.pop(target, None) is not None
 
+    def assume(self, target: str, lasted: float) -> None:
+        """Takes it that ``target`` has been down for ``lasted`` seconds (another router,
+        or Redis, knew first)."""
+        self._down_since[target] = self._clock() - max(lasted, 0.0)
+
+    def replace(self, lasted: Mapping[str, float]) -> None:
+        """Takes it that exactly the targets of ``lasted`` are down, each for that long."""
+        now = self._clock()
+        self._down_since = {t: now - max(s, 0.0) for t, s in lasted.items()}
+
     def is_down(self, target: str) -> bool:
         """Whether ``target`` is believed down."""
         return target in self._down_since
@@ -79,6 +99,16 @@ class OutageClock:
         return self._rng.uniform(max(self.probe_interval, ceiling / 2), ceiling)
 
 
+@dataclass(frozen=True, slots=True)
+class RoundView:
+    """What routing needs of the providers for one round: per intent kind, the providers it
+    must avoid and why ("circuit open", "unreachable"), and the share of every provider's
+    capacity this router plans with (1/R of R routers)."""
+
+    avoid: Mapping[str, Mapping[str, str]]
+    share: float = 1.0
+
+
 class ProviderState:
     """The router's view of every provider, fed by outcomes. One event loop, no locks."""
 
@@ -90,20 +120,22 @@ class ProviderState:
         circuits: CircuitBreakers,
         pacer: Pacer,
         outages: OutageClock,
+        shared: SharedState | None = None,
     ) -> None:
         self.providers: Mapping[str, ProviderConfig] = {p.name: p for p in providers}
         self.health = health
         self.circuits = circuits
         self.pacer = pacer
         self.outages = outages
+        self.shared = shared
         # (provider, outcome name) -> messages; what the metrics seam reads
         self.outcomes: Counter[tuple[str, str]] = Counter()
         self.batches: Counter[str] = Counter()
         self.cost: dict[str, float] = {}
 
-    def observe(self, outcome: BatchOutcome, kind: str = "") -> list[str]:
+    async def observe(self, outcome: BatchOutcome, kind: str = "") -> list[str]:
         """Takes in one SendBatch call's outcome; returns the targets that answered again
-        after being down (their held intents can be released)."""
+        after being down (their held intents are this router's to release)."""
         provider = outcome.provider
         self.batches[provider] += 1
         counts = Counter(m.outcome for m in outcome.messages.values())
@@ -111,19 +143,19 @@ class ProviderState:
             self.outcomes[(provider, outcome_name(value))] += n
         recovered: list[str] = []
         if not outcome.sender_reached:
-            self.outages.down(SENDER_TARGET)
+            await self._down(SENDER_TARGET)
             return recovered
-        if self.outages.up(SENDER_TARGET):
+        if await self._up(SENDER_TARGET):
             recovered.append(SENDER_TARGET)
         total = sum(counts.values())
         if total and counts[_UNAVAILABLE] == total:
             # Unreachable is the outage clock's business (hold, probe, release), not the
             # circuit's: an open circuit would keep traffic away for its whole cool-down
             # after the outage ended (seen with a 1.5 s Redis restart: 30 s of waiting).
-            self.outages.down(provider)
+            await self._down(provider)
             return recovered
         accepted = counts[_ACCEPTED]
-        if accepted and self.outages.up(provider):
+        if accepted and await self._up(provider):
             recovered.append(provider)
         config = self.providers.get(provider)
         if config is not None and accepted:
@@ -135,13 +167,81 @@ class ProviderState:
         failed = total - accepted - neutral
         self.health.record(provider, accepted=accepted, failed=failed)
         self.circuits.record(provider, kind, ok=accepted, failed=failed, seconds=outcome.seconds)
+        if self.shared is not None:
+            self.shared.record(provider, kind, ok=accepted, failed=failed, seconds=outcome.seconds)
         return recovered
 
-    def avoid(self, kind: str | None = None) -> frozenset[str]:
-        """Providers routing should avoid now: circuit open (for ``kind``, or for any kind
-        when None) or unreachable."""
-        down = {name for name in self.providers if self.outages.is_down(name)}
-        return frozenset(down | self.circuits.open_providers(kind))
+    async def _down(self, target: str) -> None:
+        self.outages.down(target)
+        shared = self.shared
+        if shared is not None and shared.active and not shared.outages.is_down(target):
+            await shared.down(target)
+
+    async def _up(self, target: str) -> bool:
+        was_down = self.outages.up(target)
+        shared = self.shared
+        if shared is None:
+            return was_down
+        knew = shared.active and shared.outages.is_down(target)
+        if not (knew or was_down):
+            return False  # the common case: no Redis call
+        first = await shared.up(target)
+        if first is None:  # Redis away: this router's own clock decides
+            return was_down
+        # Released by whichever router Redis answers first; or by this one, when Redis never
+        # learnt of the outage (this router saw it while Redis was away).
+        return first or (was_down and not knew)
+
+    async def view(self, kinds: Iterable[str]) -> RoundView:
+        """The providers each of ``kinds`` must avoid now, and this router's share. With
+        Redis, one round trip that also hands this router the half-open probes that are
+        free (at most one router per probe interval)."""
+        wanted = tuple(dict.fromkeys(kinds))
+        shared = self.shared
+        synced = await shared.sync(wanted) if shared is not None else None
+        avoid: dict[str, dict[str, str]] = {}
+        if shared is not None and synced is not None:
+            down = {p for p in self.providers if shared.outages.is_down(p)}
+            for t in self.outages.targets():
+                if not shared.outages.is_down(t):
+                    self.outages.up(t)  # answered for another router: keep in step
+            for kind in wanted:
+                closed = {p for p in self.providers if (p, "") in synced.closed}
+                closed |= {p for p in self.providers if (p, kind) in synced.closed}
+                avoid[kind] = _why(down, closed)
+        else:
+            down = {p for p in self.providers if self.outages.is_down(p)}
+            for kind in wanted:
+                avoid[kind] = _why(down, self.circuits.open_providers(kind))
+        return RoundView(avoid=avoid, share=1.0 / shared.routers if shared is not None else 1.0)
+
+    async def probe_targets(self) -> list[str]:
+        """The targets this router should probe now: with Redis, the down ones no other
+        router is probing this interval; else every one this router believes down."""
+        if self.shared is not None:
+            synced = await self.shared.sync(probe_outages=True)
+            if synced is not None:
+                return list(synced.probes)
+        return self.outages.targets()
+
+    async def answered(self, target: str) -> bool:
+        """Notes that a probe reached ``target``; True when this router releases its holds."""
+        return await self._up(target)
+
+    def circuit(self, provider: str, kind: str = "") -> CircuitState:
+        """A circuit's state as routing sees it now (shared, or this router's own)."""
+        shared = self.shared
+        if shared is not None and shared.active:
+            return shared.states.get((provider, kind), CircuitState.CLOSED)
+        return self.circuits.state(provider, kind)
+
+    def is_down(self, target: str) -> bool:
+        """Whether ``target`` is believed unreachable (shared, or by this router)."""
+        return self._clock().is_down(target)
+
+    def _clock(self) -> OutageClock:
+        shared = self.shared
+        return shared.outages if shared is not None and shared.active else self.outages
 
     async def timing(self, outcome: BatchOutcome, now: datetime, paced: int) -> Timing:
         """Due times for the ``paced`` throttled messages of ``outcome`` (reserved from the
@@ -161,4 +261,10 @@ class ProviderState:
         def throttle_due(provider: str, earliest: datetime) -> datetime:
             return max(slots.pop(), earliest) if slots else earliest
 
-        return Timing(throttle_due=throttle_due, hold_seconds=self.outages.hold_seconds)
+        return Timing(throttle_due=throttle_due, hold_seconds=self._clock().hold_seconds)
+
+
+def _why(down: set[str], closed: Iterable[str]) -> dict[str, str]:
+    avoid = dict.fromkeys(closed, "circuit open")
+    avoid.update(dict.fromkeys(down, "unreachable"))
+    return avoid

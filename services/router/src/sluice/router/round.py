@@ -134,22 +134,19 @@ class RoundBook:
     async def plan(self, leased: Sequence[LeasedIntent], now: datetime) -> RoundWork:
         """Routes one lease: waiting and unservable intents here, the rest by plan_routes."""
         await self.refresh_pauses()
+        view = await self._state.view(i.kind for i in leased)
         routable: list[LeasedIntent] = []
         decided: list[Completion] = []
-        forced: dict[tuple[str, str], list[LeasedIntent]] = {}
-        avoid_by_kind: dict[str, frozenset[str]] = {}
+        forced: dict[tuple[str, str, str], list[LeasedIntent]] = {}
         for intent in leased:
             kind = intent.kind
             if intent.forced_provider in self._by_name and intent.deadline > now:
                 # An operator's RetryFailed chose the provider: no routing decision to make.
-                key = (intent.forced_provider, intent.template_id)
+                key = (intent.forced_provider, intent.template_id, kind)
                 forced.setdefault(key, []).append(intent)
                 continue
-            if kind not in avoid_by_kind:
-                avoid_by_kind[kind] = self._state.avoid(kind)
-            usable = [
-                p for p in self._chooser.candidates(kind) if p.name not in avoid_by_kind[kind]
-            ]
+            avoided = view.avoid.get(kind, {})
+            usable = [p for p in self._chooser.candidates(kind) if p.name not in avoided]
             if usable:
                 routable.append(intent)
             elif intent.deadline <= now:
@@ -165,20 +162,32 @@ class RoundBook:
                     )
                 )
             else:
-                decided.append(self._wait(intent, now, avoid_by_kind[kind]))
-        avoid = frozenset().union(*avoid_by_kind.values()) | self._state.health.degraded()
-        plan = plan_routes(routable, self._chooser, now=now, degraded=avoid)
+                decided.append(self._wait(intent, now))
+        # Avoidance is per kind: a circuit open for marketing leaves transactional alone.
+        plan = plan_routes(
+            routable,
+            self._chooser,
+            now=now,
+            degraded=self._state.health.degraded(),
+            avoid=view.avoid,
+            share=view.share,
+        )
         step = MAX_MESSAGES_PER_SEND_BATCH
         operator_batches = tuple(
-            PlannedBatch(provider=name, template_id=template, intents=tuple(group[i : i + step]))
-            for (name, template), group in forced.items()
+            PlannedBatch(
+                provider=name,
+                template_id=template,
+                intents=tuple(group[i : i + step]),
+                reasons=(f"{name}: forced by RetryFailed",) * len(group[i : i + step]),
+            )
+            for (name, template, _), group in forced.items()
             for i in range(0, len(group), step)
         )
         return RoundWork(
             batches=operator_batches + plan.batches, decided=tuple(decided) + plan.decided
         )
 
-    def _wait(self, intent: LeasedIntent, now: datetime, avoided: frozenset[str]) -> Completion:
+    def _wait(self, intent: LeasedIntent, now: datetime) -> Completion:
         candidates = self._chooser.candidates(intent.kind)
         why = "circuit open or unreachable" if candidates else "paused or disabled"
         delay = self._settings.no_provider_wait_seconds * self._rng.uniform(0.5, 1.0)
@@ -192,19 +201,17 @@ class RoundBook:
         )
 
     def decorate(self, batch: PlannedBatch, completions: list[Completion]) -> list[Completion]:
-        """Records the routing decision (provider, why, cost) on each sent or tried intent."""
+        """Records the routing decision on each sent or tried intent: the provider, the
+        policy's reason (or the operator's), and the cost."""
         config = self._by_name.get(batch.provider)
         if config is None:
             return completions
         cost = config.cost_per_thousand / 1000.0
-        forced = bool(batch.intents) and batch.intents[0].forced_provider == batch.provider
-        reason = (
-            f"{config.name}: forced by RetryFailed"
-            if forced
-            else f"{config.name}: cheapest usable provider (${config.cost_per_thousand:g}/1k)"
-        )
+        reasons = dict(zip((i.id for i in batch.intents), batch.reasons, strict=True))
         return [
-            dataclasses.replace(c, route_reason=reason, route_cost=cost) if c.attempted else c
+            dataclasses.replace(c, route_reason=reasons.get(c.intent_id), route_cost=cost)
+            if c.attempted
+            else c
             for c in completions
         ]
 

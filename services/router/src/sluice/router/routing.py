@@ -93,11 +93,19 @@ class ProviderChooser:
         degraded: frozenset[str] = frozenset(),
         circuit_open: Mapping[str, float | None] | None = None,
         quota_used: Mapping[str, int] | None = None,
+        avoid: Mapping[str, Mapping[str, str]] | None = None,
+        share: float = 1.0,
     ) -> list[ProviderState]:
         """The providers as the policy sees them now. ``circuit_open`` maps each provider
-        whose circuit is open to when it is expected back (None: unknown)."""
+        whose circuit is open to when it is expected back (None: unknown); ``avoid`` maps
+        an intent kind to the providers closed to it now, with why; ``share`` is the part of
+        every provider's capacity this router plans with."""
         opened = circuit_open or {}
         used = quota_used or {}
+        closed: dict[str, dict[str, str]] = {}
+        for kind, providers in (avoid or {}).items():
+            for name, why in providers.items():
+                closed.setdefault(name, {})[kind] = why
         return [
             provider_state(
                 p,
@@ -105,6 +113,8 @@ class ProviderChooser:
                 circuit_open=p.name in opened,
                 degraded=p.name in degraded,
                 available_at=opened.get(p.name),
+                closed=closed.get(p.name),
+                share=share,
             )
             for p in self.providers
         ]
@@ -182,11 +192,15 @@ def demand_of(
 
 @dataclass(frozen=True, slots=True)
 class PlannedBatch:
-    """One SendBatch call to make: one provider, one template, up to 500 intents."""
+    """One SendBatch call to make: one provider, one template, one kind, up to 500 intents
+    (a batch's outcome is a sample of that kind's circuit), and why
+    each intent goes there (``reasons``, in the order of ``intents``; what is recorded on the
+    intent as its route reason)."""
 
     provider: str
     template_id: str
     intents: tuple[LeasedIntent, ...]
+    reasons: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,20 +247,27 @@ def plan_routes(
     degraded: frozenset[str] = frozenset(),
     circuit_open: Mapping[str, float | None] | None = None,
     quota_used: Mapping[str, int] | None = None,
+    avoid: Mapping[str, Mapping[str, str]] | None = None,
+    share: float = 1.0,
     max_messages: int = MAX_MESSAGES_PER_SEND_BATCH,
 ) -> RoutePlan:
     """Routes one lease.
 
     Intents past their deadline become ``expired``; the policy decides the rest: routed ones
-    are grouped per (provider, template) in priority order and chunked at ``max_messages``,
+    are grouped per (provider, template, kind) in priority order and chunked at ``max_messages``,
     ones that must wait go back to pending with the policy's reason and retry time (no
     attempt spent), and ones no configured provider could ever serve become ``failed``.
     Each input intent appears exactly once in the result.
+
+    ``degraded`` applies to every kind; ``avoid`` (kind -> provider -> why) closes a
+    provider to one kind only, so a circuit open for marketing leaves it a candidate for
+    transactional mail. ``share``: see :class:`sluice.router.policy.ProviderState`.
     """
     if max_messages < 1:
         raise ValueError("max_messages must be at least 1")
     decided: list[Completion] = []
-    groups: dict[tuple[str, str], list[LeasedIntent]] = {}
+    # one batch per kind too: a batch's outcome is a sample of its kind's circuit
+    groups: dict[tuple[str, str, str], list[tuple[LeasedIntent, str]]] = {}
     # The lease returns rows in no particular order; urgent kinds go into the first batches.
     live: list[LeasedIntent] = []
     for intent in sorted(intents, key=lambda i: PRIORITY.get(i.kind, len(PRIORITY))):
@@ -257,12 +278,19 @@ def plan_routes(
         else:
             live.append(intent)
     at = now.timestamp()
-    states = chooser.states(degraded=degraded, circuit_open=circuit_open, quota_used=quota_used)
+    states = chooser.states(
+        degraded=degraded,
+        circuit_open=circuit_open,
+        quota_used=quota_used,
+        avoid=avoid,
+        share=share,
+    )
     decisions = _route_smtputf8_apart(chooser, live, at, states)
     for intent, decision in zip(live, decisions, strict=True):
         if decision.verdict is Verdict.ROUTE:
             assert decision.provider is not None
-            groups.setdefault((decision.provider, intent.template_id), []).append(intent)
+            key = (decision.provider, intent.template_id, intent.kind)
+            groups.setdefault(key, []).append((intent, decision.reason))
         elif decision.verdict is Verdict.WAIT:
             decided.append(
                 Completion(
@@ -279,9 +307,12 @@ def plan_routes(
             )
     batches = [
         PlannedBatch(
-            provider=name, template_id=template, intents=tuple(group[i : i + max_messages])
+            provider=name,
+            template_id=template,
+            intents=tuple(intent for intent, _ in group[i : i + max_messages]),
+            reasons=tuple(reason for _, reason in group[i : i + max_messages]),
         )
-        for (name, template), group in groups.items()
+        for (name, template, _), group in groups.items()
         for i in range(0, len(group), max_messages)
     ]
     return RoutePlan(

@@ -195,12 +195,12 @@ class RouterServicer(router_pb2_grpc.RouterServiceServicer):
             enabled=config.enabled,
             health=report.state.to_proto(),
             success_rate=report.success_rate,
-            circuit=_CIRCUIT_TO_PROTO[state.circuits.state(config.name)]
+            circuit=_CIRCUIT_TO_PROTO[state.circuit(config.name)]
             if state is not None
             else router_pb2.CIRCUIT_STATE_CLOSED,
             paused=(config.name, "") in pauses,
             paused_intents=[KIND_TO_PROTO[k] for k in INTENT_KINDS if (config.name, k) in pauses],
-            reachable=state is None or not state.outages.is_down(config.name),
+            reachable=state is None or not state.is_down(config.name),
             cost_so_far=state.cost.get(config.name, 0.0) if state is not None else 0.0,
         )
 

@@ -44,6 +44,8 @@ class RouterSettings(CommonSettings):
     circuit_max_latency_seconds: float = 5.0
     circuit_min_samples: int = 50
     circuit_cooldown_seconds: float = 30.0
+    # how often a half-open circuit lets one round's batch through, across all routers
+    circuit_probe_seconds: float = 1.0
     #: File holding the token (scope ``send``) the router presents to senders.
     sender_token_file: str = ""
     #: CA that signed the senders' certificates: the channel to senders uses TLS.
@@ -64,6 +66,7 @@ class RouterSettings(CommonSettings):
             "no_provider_wait_seconds",
             "circuit_max_latency_seconds",
             "circuit_cooldown_seconds",
+            "circuit_probe_seconds",
         )
         self.require_at_least(1, "circuit_min_samples")
         if self.unknown_outcome_policy not in UNKNOWN_POLICIES:
@@ -88,4 +91,5 @@ class RouterSettings(CommonSettings):
             max_latency=self.circuit_max_latency_seconds,
             min_samples=self.circuit_min_samples,
             cooldown=self.circuit_cooldown_seconds,
+            probe_every=self.circuit_probe_seconds,
         )

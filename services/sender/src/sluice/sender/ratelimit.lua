@@ -3,7 +3,8 @@
 -- Two dimensions, each a token bucket (sustained rate, capacity = burst) plus an exact
 -- sliding window (at most `burst` in any `window` µs):
 --   messages  (KEYS 1-3)  what the provider counts as sends (messages, recipients)
---   requests  (KEYS 4-6)  API calls; a batch of up to `per_request` messages is one call
+--   requests  (KEYS 4-6)  API calls, counted from the request shape the caller passes
+--                         (how many messages each planned call carries, in order)
 -- plus a rolling 24-hour quota of messages (KEY 8, hour buckets) and an adaptive state
 -- (KEY 7) shared by every sender: a factor that scales both dimensions' rates and bursts,
 -- cut in half when the provider throttles anyway and recovering linearly (AIMD); a pause
@@ -19,11 +20,14 @@
 -- All carry the same {provider} hash tag, so the script touches one cluster slot.
 --
 -- ARGV: 1 mode ("acquire" | "peek" | "report")  2 now µs ("" = Redis TIME; tests only)
---       3 n  4 per_request  5 msg rate  6 msg burst  7 req rate  8 req burst  9 daily quota
+--       3 n (messages in all)  4 k (runs in the request shape)  5 msg rate  6 msg burst
+--       7 req rate  8 req burst  9 daily quota
 --       10 window µs  11 recovery (factor per second)  12 floor factor
 --       report only: 13 retry-after µs (0 = none)  14 published req/s µ (0 = none)
 --                    15 cooldown µs between cuts  16 "1" when the provider throttled
 --                    (cut the factor), "0" when it only published its limits
+--       acquire/peek only: 13 .. 12+2k the request shape run-length encoded: size, count
+--                    pairs (100, 4, 20, 1 = four calls of 100 then one of 20), in order
 --
 -- acquire/peek return {granted, requests, retry_us, msg_u, msg_avail, req_u, req_avail,
 -- quota_used, factor_u, pause_us, pub_u, now}; -1 marks a limit that is off.
@@ -42,7 +46,7 @@ else
   now = tonumber(t[1]) * UNIT + tonumber(t[2])
 end
 local n = tonumber(ARGV[3])
-local per_request = tonumber(ARGV[4])
+local shape_runs = tonumber(ARGV[4])
 local msg_rate, msg_burst = tonumber(ARGV[5]), tonumber(ARGV[6])
 local req_rate, req_burst = tonumber(ARGV[7]), tonumber(ARGV[8])
 local quota = tonumber(ARGV[9])
@@ -215,10 +219,10 @@ if quota > 0 then
   granted = math.min(granted, math.max(0, quota - used))
 end
 
--- Requests: as many whole batches as both request limits allow.
+-- Requests: the planned calls in order, whole while both request limits and the messages
+-- granted so far allow; when the messages run out inside a call, that call is cut to
+-- what is left (fewer messages in the same call, as the adapter would plan them).
 local r_tok, r_cap, r_last, r_sum, r_pruned = -1, 0, now, 0, false
-local requests = 0
-if granted > 0 then requests = math.ceil(granted / per_request) end
 local r_room = nil
 if req_rate > 0 then
   r_tok, r_cap, r_last = bucket(KEYS[4], req_rate, req_burst)
@@ -229,9 +233,22 @@ if req_burst > 0 then
   local room = math.max(0, req_burst - r_sum)
   if r_room == nil or room < r_room then r_room = room end
 end
-if r_room ~= nil and requests > r_room then
-  requests = r_room
-  granted = math.min(granted, requests * per_request)
+local m_room = granted
+local requests = 0
+granted = 0
+for i = 1, shape_runs do
+  local size, count = tonumber(ARGV[11 + 2 * i]), tonumber(ARGV[12 + 2 * i])
+  local take = math.min(count, math.floor((m_room - granted) / size))
+  if r_room ~= nil then take = math.min(take, r_room - requests) end
+  granted = granted + take * size
+  requests = requests + take
+  if take < count then
+    if m_room > granted and (r_room == nil or requests < r_room) then
+      granted = m_room  -- the messages ran out inside this call: send it shorter
+      requests = requests + 1
+    end
+    break
+  end
 end
 if granted <= 0 then granted, requests = 0, 0 end
 

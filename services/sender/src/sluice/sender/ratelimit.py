@@ -4,8 +4,10 @@ What is limited, per provider (``ProviderConfig``; 0 turns a limit off):
 
 - messages: ``sustained_rate`` per second over time (a token bucket holding at most
   ``burst``) and at most ``burst`` in any one second (an exact sliding window of grants);
-- API requests: ``requests_per_second`` and ``request_burst``, the same two shapes, where a
-  batch of up to ``per_request`` messages (the adapter's batch size) is one request;
+- API requests: ``requests_per_second`` and ``request_burst``, the same two shapes. The
+  caller passes the request shape itself (``acquire(provider, requests)``: how many
+  messages each planned provider call carries, as the adapter would split them), so a
+  reservation counts exactly the calls that will be made;
 - ``daily_quota`` messages in any rolling 24 hours (hour buckets, so counts leave up to an
   hour late: never over, sometimes a little under).
 
@@ -40,9 +42,9 @@ Keys (all with the ``{provider}`` hash tag, so one script touches one Redis Clus
 
 from __future__ import annotations
 
-import math
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -71,7 +73,6 @@ class Limits:
     requests_per_second: float = 0.0
     request_burst: int = 0
     daily_quota: int = 0
-    per_request: int = 1
 
     @classmethod
     def of(cls, config: ProviderConfig) -> Limits:
@@ -82,7 +83,6 @@ class Limits:
             requests_per_second=config.requests_per_second,
             request_burst=config.request_burst,
             daily_quota=config.daily_quota,
-            per_request=max(1, config.max_batch_size),
         )
 
     @property
@@ -101,8 +101,9 @@ class Limits:
 class Grant:
     """The outcome of one reservation.
 
-    ``granted`` messages may be sent now (0..n), in ``requests`` provider calls of at most
-    ``per_request`` messages each. When fewer than asked were granted, ``retry_after`` is the
+    ``granted`` messages may be sent now (0..n): the first ``requests`` of the planned
+    requests, whole except that the last may be cut to its first messages (``granted_of``
+    picks them). When fewer than asked were granted, ``retry_after`` is the
     number of seconds until every limit allows at least one more (exact: add ``jittered``
     when telling a client); otherwise it is 0. ``at_us`` is the Redis time (µs since the
     epoch) of the reservation, 0 for unlimited providers, which never touch Redis.
@@ -226,42 +227,46 @@ class RateLimiter:
         return limits.unlimited and provider.name not in self._adaptive
 
     async def acquire(
-        self, provider: ProviderConfig, n: int, *, now_us: int | None = None
+        self, provider: ProviderConfig, requests: Sequence[int], *, now_us: int | None = None
     ) -> Grant:
-        """Reserves up to ``n`` sends now; grants may be partial.
+        """Reserves up to ``sum(requests)`` sends now; grants may be partial.
 
+        ``requests`` is the request shape: the number of messages each provider call will
+        carry, in the order they will be made (the adapter's ``plan``). What is granted is
+        a prefix of it (see ``Grant``), so the request limits count exactly the calls made.
         ``now_us`` replaces Redis ``TIME``; only tests with a simulated clock pass it.
         Raises ``Unavailable`` when Redis cannot be reached: nothing may be sent then.
         """
-        if n < 0:
-            raise ValueError("n must not be negative")
-        limits = Limits.of(provider)
-        if n == 0 or self._skips(provider, limits):
-            return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        return _grant(await self._run(provider, limits, "acquire", n, now_us))
+        return await self._reserve(provider, "acquire", requests, now_us)
 
     async def preview(
-        self, provider: ProviderConfig, n: int, *, now_us: int | None = None
+        self, provider: ProviderConfig, requests: Sequence[int], *, now_us: int | None = None
     ) -> Grant:
-        """What ``acquire(provider, n)`` would grant now, reserving nothing.
+        """What ``acquire(provider, requests)`` would grant now, reserving nothing.
 
         The servicer renders only what a preview allows and reserves afterwards, so the time
         between a reservation and the provider seeing the request stays short (rendering
         runs in another process and can be delayed on a busy machine); see ``window_guard``.
         """
-        if n < 0:
-            raise ValueError("n must not be negative")
+        return await self._reserve(provider, "peek", requests, now_us)
+
+    async def _reserve(
+        self, provider: ProviderConfig, mode: str, requests: Sequence[int], now_us: int | None
+    ) -> Grant:
+        if any(size < 1 for size in requests):
+            raise ValueError("every request carries at least one message")
+        n = sum(requests)
         limits = Limits.of(provider)
         if n == 0 or self._skips(provider, limits):
-            return Grant(granted=n, retry_after=0.0, requests=math.ceil(n / limits.per_request))
-        return _grant(await self._run(provider, limits, "peek", n, now_us))
+            return Grant(granted=n, retry_after=0.0, requests=len(requests))
+        return _grant(await self._run(provider, limits, mode, now_us, shape=requests))
 
     async def capacity(self, provider: ProviderConfig, *, now_us: int | None = None) -> Capacity:
         """Reads what the limits allow now without reserving (the script writes nothing)."""
         limits = Limits.of(provider)
         if self._skips(provider, limits):
             return Capacity(0.0, 0.0, 0, 0, unlimited=True)
-        r = await self._run(provider, limits, "peek", 0, now_us)
+        r = await self._run(provider, limits, "peek", now_us)
         return Capacity(
             sustained_tokens=max(r[3], 0) / _MICROS,
             sustained_rate=limits.rate,
@@ -307,7 +312,6 @@ class RateLimiter:
             provider,
             Limits.of(provider),
             "report",
-            0,
             now_us,
             extra=[
                 max(0, round(retry_after * _MICROS)),
@@ -336,15 +340,19 @@ class RateLimiter:
         provider: ProviderConfig,
         limits: Limits,
         mode: str,
-        n: int,
         now_us: int | None,
-        extra: list[int] | None = None,
+        *,
+        shape: Sequence[int] = (),
+        extra: Sequence[int] = (),
     ) -> list[int]:
+        """Runs the script: ``shape`` is the request shape (acquire, peek), ``extra`` the
+        report's arguments."""
+        shape_runs = runs(shape)
         args: list[str | int] = [
             mode,
             "" if now_us is None else now_us,
-            n,
-            limits.per_request,
+            sum(shape),
+            len(shape_runs) // 2,
             repr(limits.rate),
             limits.burst,
             repr(limits.requests_per_second),
@@ -353,7 +361,8 @@ class RateLimiter:
             self._window_us,
             repr(self._recovery),
             repr(self._floor),
-            *(extra or []),
+            *extra,
+            *shape_runs,
         ]
         try:
             reply = await self._script(keys=rate_limit_keys(self._prefix, provider.name), args=args)
@@ -363,6 +372,36 @@ class RateLimiter:
                 retry_after=jittered(REDIS_DOWN_RETRY_SECONDS),
             ) from exc
         return [int(v) for v in reply]
+
+
+def runs(requests: Sequence[int]) -> list[int]:
+    """The request shape run-length encoded (size, count, size, count...): the usual shapes
+    (100, 100, 100, 20; one message per call) take a few script arguments, not thousands."""
+    out: list[int] = []
+    for size in requests:
+        if out and out[-2] == size:
+            out[-1] += 1
+        else:
+            out += [size, 1]
+    return out
+
+
+def even_requests(n: int, largest: int | None) -> list[int]:
+    """``n`` messages in requests of ``largest`` each (the last one shorter), or all in one
+    when ``largest`` is None."""
+    size = n if largest is None else max(1, largest)
+    return [min(size, n - start) for start in range(0, n, size)] if n else []
+
+
+def granted_of(plan: Sequence[Sequence[int]], grant: Grant) -> list[int]:
+    """The message indices a grant covers, in ascending order: the plan's first
+    ``grant.requests`` requests, the last one cut so that ``grant.granted`` are taken."""
+    left = grant.granted
+    chosen: list[int] = []
+    for request in plan[: grant.requests]:
+        chosen.extend(request[:left])
+        left -= min(left, len(request))
+    return sorted(chosen)
 
 
 def _grant(reply: list[int]) -> Grant:

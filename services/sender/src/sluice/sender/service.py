@@ -25,7 +25,7 @@ from sluice.common.telemetry import Telemetry, context_from_traceparent
 from sluice.sender.checks import MessageChecks
 from sluice.sender.metrics import SenderMetrics
 from sluice.sender.providers.base import EmailProvider, OutboundEmail, ProviderResult
-from sluice.sender.ratelimit import Grant, RateLimiter, jittered
+from sluice.sender.ratelimit import Grant, RateLimiter, even_requests, granted_of, jittered
 from sluice.sender.render import RenderError, Template
 from sluice.sender.render_pool import RenderPool
 from sluice.v1 import sender_pb2, sender_pb2_grpc
@@ -111,11 +111,17 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
             from_address=request.template.from_address,
         )
         # Render and check only what the limits would allow now, then reserve exactly the
-        # messages that can go: the reservation is taken right before the provider call,
-        # so rendering time never sits between a grant and the send, and refused or
-        # unrenderable messages spend no tokens. Both calls raise Unavailable (with a
-        # retry-after) when Redis is down: nothing is sent then.
-        preview = await self._limiter.preview(config, len(messages))
+        # messages that can go, in the provider calls the adapter will make of them: the
+        # reservation is taken right before the provider call, so rendering time never
+        # sits between a grant and the send, and refused or unrenderable messages spend no
+        # tokens. The preview cannot know the calls yet (SendGrid's depend on the rendered
+        # content), so it assumes the fewest, and the reservation counts the real ones.
+        # Both calls raise Unavailable (with a retry-after) when Redis is down: nothing is
+        # sent then.
+        adapter = self._adapters[config.name]
+        preview = await self._limiter.preview(
+            config, even_requests(len(messages), adapter.largest_request)
+        )
         results: list[sender_pb2.SendResult | None] = [None] * len(messages)
         self._throttle(results, messages, range(preview.granted, len(messages)), preview)
 
@@ -156,17 +162,20 @@ class SenderServicer(sender_pb2_grpc.SenderServiceServicer):
                 continue
             candidates.append((i, email))
 
-        grant = await self._limiter.acquire(config, len(candidates))
+        plan = adapter.plan([email for _, email in candidates])
+        grant = await self._limiter.acquire(config, [len(call) for call in plan])
         if grant.tokens_left is not None or grant.granted < len(messages):
             self._metrics.observe_grant(
                 config.name, len(messages), grant.granted, grant.tokens_left or 0.0
             )
-        outbound = candidates[: grant.granted]
-        # Another replica took the room between preview and reservation.
-        self._throttle(results, messages, [i for i, _ in candidates[grant.granted :]], grant)
+        chosen = granted_of(plan, grant)
+        outbound = [candidates[c] for c in chosen]
+        # More calls than the preview assumed, or another replica took the room between
+        # preview and reservation. The adapter sends the granted messages in the calls
+        # the plan made of them (see providers.base).
+        left = sorted(set(range(len(candidates))) - set(chosen))
+        self._throttle(results, messages, [candidates[c][0] for c in left], grant)
 
-        # The adapter splits into its provider's batch shape itself (see providers.base).
-        adapter = self._adapters[config.name]
         with self._spans(config.name, [messages[i] for i, _ in outbound]):
             sent = await self._send(adapter, [email for _, email in outbound])
         for (i, email), result in zip(outbound, sent, strict=True):

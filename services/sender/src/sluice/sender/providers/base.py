@@ -3,10 +3,17 @@ SMTP), so the sender's servicer never knows which one it is talking to.
 
 Contract of ``EmailProvider.send_batch``:
 
-- It receives every rendered message the rate limiter granted, any number of them, and
-  splits them into its provider's batch shape itself (Resend: 100 per call; SendGrid:
-  personalizations; SES and SMTP: one message per call, concurrently). It does no
-  throttling of its own.
+- ``plan`` is the one place that knows its provider's request shape: which of the given
+  rendered messages go in which provider call, in the order the calls are made (Resend:
+  100 per call; SendGrid: personalizations of the same content; SES and SMTP: one
+  message per call; the sandbox: the whole batch in one). The servicer reserves exactly
+  those calls from the rate limiter and hands ``send_batch`` the messages of the calls
+  granted (the last one possibly cut short), so a plan must be stable under that: the
+  plan of the messages of its first k calls, in their order, is those k calls
+  (``largest_request`` bounds a call's size before content is known, for the preview).
+- ``send_batch`` receives every rendered message the rate limiter granted, any number of
+  them, and sends them in the calls ``plan`` makes of them. It does no throttling of its
+  own.
 - It returns exactly one ``ProviderResult`` per message, in the order given, each with
   the message's ``intent_id`` and one of these outcomes:
 
@@ -44,6 +51,8 @@ from sluice.common.headers import UNSUBSCRIBE_HEADERS
 from sluice.common.logging import redact_email
 from sluice.common.providers import ProviderConfig
 
+# Each provider call an adapter will make, as indices into the messages it was given.
+Plan = list[list[int]]
 Outcome = Literal["accepted", "throttled", "transient", "unknown", "permanent", "unavailable"]
 
 # The tag (SES message tag, Resend tag, SendGrid custom arg) carrying the intent id, so a
@@ -129,6 +138,16 @@ class EmailProvider(Protocol):
     @property
     def name(self) -> str:
         """The configured provider name (``ProviderConfig.name``)."""
+        ...
+
+    @property
+    def largest_request(self) -> int | None:
+        """The most messages one call can carry (None: any number), whatever the content:
+        the request shape the limiter's preview assumes before messages are rendered."""
+        ...
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """The provider calls ``send_batch`` would make for ``messages``, in order."""
         ...
 
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
@@ -219,6 +238,11 @@ async def send_in_chunks(
     return [r for results in per_chunk for r in results]
 
 
-def chunked(messages: Sequence[OutboundEmail], size: int) -> list[Sequence[OutboundEmail]]:
-    """``messages`` in consecutive chunks of at most ``size``."""
-    return [messages[i : i + size] for i in range(0, len(messages), size)]
+def consecutive(n: int, size: int) -> Plan:
+    """The plan of ``n`` messages in consecutive calls of at most ``size``."""
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def planned(messages: Sequence[OutboundEmail], plan: Plan) -> list[list[OutboundEmail]]:
+    """The messages of each planned call."""
+    return [[messages[i] for i in call] for call in plan]

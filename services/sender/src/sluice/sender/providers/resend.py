@@ -44,9 +44,11 @@ from sluice.sender.providers.base import (
     Announced,
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
     announcing,
-    chunked,
+    consecutive,
+    planned,
     provider_text,
     quota_results,
     results_for,
@@ -109,10 +111,19 @@ class ResendProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """At most 100 emails a request."""
+        return BATCH_LIMIT
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """Consecutive requests of at most 100 (one alone goes to ``/emails``)."""
+        return consecutive(len(messages), BATCH_LIMIT)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
-        """Sends in requests of at most 100 (see the module docstring)."""
+        """Sends in the requests ``plan`` makes (see the module docstring)."""
         return await send_in_chunks(
-            chunked(messages, BATCH_LIMIT),
+            planned(messages, self.plan(messages)),
             self._send_request,
             concurrency=self._settings.max_connections,
         )

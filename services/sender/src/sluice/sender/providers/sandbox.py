@@ -37,7 +37,7 @@ from redis.exceptions import RedisError
 
 from sluice.common.errors import ConfigError, Unavailable
 from sluice.common.providers import ProviderConfig, SandboxSettings
-from sluice.sender.providers.base import OutboundEmail, ProviderResult
+from sluice.sender.providers.base import OutboundEmail, Plan, ProviderResult, consecutive
 
 LOG_LIMIT = 100_000
 IDS_LIMIT = 1_000_000
@@ -77,6 +77,15 @@ class SandboxProvider:
     def recent(self) -> list[OutboundEmail]:
         """The latest ``keep_last`` messages handed to it, oldest first."""
         return list(self._recent) if self._settings.keep_last else []
+
+    @property
+    def largest_request(self) -> None:
+        """Any number of messages in one call."""
+        return None
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """The whole batch is one call (one line of the send log)."""
+        return consecutive(len(messages), max(1, len(messages)))
 
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Answers every message and records the accepted ones.

@@ -38,8 +38,10 @@ from sluice.sender.providers.base import (
     Announced,
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
     announcing,
+    planned,
     provider_text,
     results_for,
     send_in_chunks,
@@ -53,11 +55,17 @@ def _content_key(m: OutboundEmail) -> tuple[str, str, str, str]:
     return (m.from_address, m.reply_to, m.html, m.text)
 
 
-def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
-    """Requests: messages of the same content together, <= 1,000 each, recipients unique."""
-    requests: list[list[OutboundEmail]] = []
-    open_by_content: dict[tuple[str, str, str, str], tuple[list[OutboundEmail], set[str]]] = {}
-    for message in messages:
+def pack(messages: Sequence[OutboundEmail]) -> Plan:
+    """Requests, in the order they open: messages of the same content together, <= 1,000
+    each, recipients unique.
+
+    Packing only appends, in message order, so the messages of the first k requests (the
+    last one possibly cut short) pack into those same k requests again: what the rate
+    limiter granted of a plan is sent as planned.
+    """
+    requests: Plan = []
+    open_by_content: dict[tuple[str, str, str, str], tuple[list[int], set[str]]] = {}
+    for index, message in enumerate(messages):
         key = _content_key(message)
         current = open_by_content.get(key)
         address = message.recipient.lower()
@@ -65,7 +73,7 @@ def pack(messages: Sequence[OutboundEmail]) -> list[list[OutboundEmail]]:
             current = ([], set())
             open_by_content[key] = current
             requests.append(current[0])
-        current[0].append(message)
+        current[0].append(index)
         current[1].add(address)
     return requests
 
@@ -121,15 +129,24 @@ class SendGridProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """At most 1,000 personalizations a request (when the content is the same)."""
+        return PERSONALIZATION_LIMIT
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """Personalizations of the same content in one request (``pack``)."""
+        return pack(messages)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """Packs into personalizations and sends (see the module docstring)."""
-        requests = pack(messages)
+        plan = self.plan(messages)
         results = await send_in_chunks(
-            requests, self._send_request, concurrency=self._settings.max_connections
+            planned(messages, plan), self._send_request, concurrency=self._settings.max_connections
         )
         # Packing groups by content, so results come back grouped: put them in order.
-        by_position = {id(m): r for m, r in zip(_flat(requests), results, strict=True)}
-        return [by_position[id(m)] for m in messages]
+        by_position = dict(zip((i for call in plan for i in call), results, strict=True))
+        return [by_position[i] for i in range(len(messages))]
 
     async def _send_request(
         self, request: Sequence[OutboundEmail], *, split_on_400: bool = True
@@ -189,10 +206,6 @@ def _seconds_to_reset(headers: httpx.Headers) -> float | None:
 def _rate_wait(headers: httpx.Headers) -> float:
     seconds = _http.retry_after(headers)
     return _http.wait(seconds if seconds is not None else _seconds_to_reset(headers))
-
-
-def _flat(requests: Sequence[Sequence[OutboundEmail]]) -> list[OutboundEmail]:
-    return [m for request in requests for m in request]
 
 
 def _errors(response: httpx.Response) -> str:

@@ -52,8 +52,10 @@ from sluice.sender.providers import mime
 from sluice.sender.providers.base import (
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
-    chunked,
+    consecutive,
+    planned,
     provider_text,
     quota_results,
     send_in_chunks,
@@ -113,10 +115,21 @@ class SesProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """One message a call."""
+        return 1
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """One ``SendEmail`` per message."""
+        return consecutive(len(messages), 1)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """One ``SendEmail`` per message, ``max_connections`` at a time."""
         return await send_in_chunks(
-            chunked(messages, 1), self._send_chunk, concurrency=self._settings.max_connections
+            planned(messages, self.plan(messages)),
+            self._send_chunk,
+            concurrency=self._settings.max_connections,
         )
 
     async def send_quota(self) -> SendQuota:

@@ -29,8 +29,10 @@ from sluice.sender.providers import mime
 from sluice.sender.providers.base import (
     EmailProvider,
     OutboundEmail,
+    Plan,
     ProviderResult,
-    chunked,
+    consecutive,
+    planned,
     provider_text,
     send_in_chunks,
 )
@@ -121,10 +123,21 @@ class SmtpProvider:
         """The configured provider name."""
         return self._name
 
+    @property
+    def largest_request(self) -> int:
+        """One message a call."""
+        return 1
+
+    def plan(self, messages: Sequence[OutboundEmail]) -> Plan:
+        """One transaction per message."""
+        return consecutive(len(messages), 1)
+
     async def send_batch(self, messages: Sequence[OutboundEmail]) -> list[ProviderResult]:
         """One transaction per message, ``pool_size`` at a time."""
         return await send_in_chunks(
-            chunked(messages, 1), self._send_chunk, concurrency=self._pool.settings.pool_size
+            planned(messages, self.plan(messages)),
+            self._send_chunk,
+            concurrency=self._pool.settings.pool_size,
         )
 
     async def _send_chunk(self, chunk: Sequence[OutboundEmail]) -> list[ProviderResult]:
