@@ -48,7 +48,8 @@ TEMPLATE = sender_pb2.TemplateContent(
     html_body="<p>Your weekly digest is ready.</p>",
     text_body="Your weekly digest is ready.",
     variables=["name"],
-    from_address="Sluice <noreply@sluice.test>",
+    # not .test: the sender refuses special-use domains
+    from_address="Sluice <noreply@example.com>",
 )
 
 PROVIDERS_TOML = """

@@ -159,6 +159,14 @@ async def test_list_by_recipient_campaign_status_and_time(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+async def explain(pool: asyncpg.Pool, sql: str, *args: object) -> str:
+    """The plan of ``sql``, with sequential scans priced out: the tables are empty, and an
+    empty table makes any plan look as good as an index scan."""
+    async with pool.acquire() as conn:
+        await conn.execute("SET enable_seqscan = off")
+        return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", *args))
+
+
 async def test_the_recipient_query_uses_the_index_and_only_the_digest(
     pg_pool: asyncpg.Pool,
 ) -> None:
@@ -172,10 +180,7 @@ async def test_the_recipient_query_uses_the_index_and_only_the_digest(
         before_time=False,
         cursor=False,
     )
-    async with pg_pool.acquire() as conn:
-        await conn.execute("SET enable_seqscan = off")  # an empty table: force the choice
-        lines = await conn.fetch(f"EXPLAIN {sql}", 10, recipient_hash("a@b.example"))
-    plan = "\n".join(r[0] for r in lines)
+    plan = await explain(pg_pool, sql, 10, recipient_hash("a@b.example"))
     # each partition's copy of intents_recipient_created_idx, searched on the digest
     assert "Index Cond: (sluice_recipient_hash(recipient) = " in plan
     assert "@" not in sql
@@ -196,9 +201,7 @@ async def test_every_listing_reads_indexes_in_order_leased_rows_included(
         before_time=False,
         cursor=False,
     )
-    async with pg_pool.acquire() as conn:
-        await conn.execute("SET enable_seqscan = off")
-        plan = "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN {sql}", 10))
+    plan = await explain(pg_pool, sql, 10)
     assert "created_at_id_idx" in plan  # a partition's copy of intents_created_idx
     assert "lease_expires_at_idx" in plan  # the leased rows, from the leased-expiry index
 

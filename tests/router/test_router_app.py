@@ -21,7 +21,6 @@ from sluice.router.health import ProviderHealthTracker
 from sluice.router.service import RouterServicer
 from sluice.router.settings import RouterSettings
 from sluice.v1 import intent_pb2, router_pb2, router_pb2_grpc
-from tests.conftest import InsertTemplate
 from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
 
 PROVIDERS_TOML = """
@@ -44,16 +43,6 @@ cost_per_thousand = 0.01
 intents = ["marketing", "transactional"]
 enabled = false
 """
-
-
-@pytest.fixture
-async def template(insert_template: InsertTemplate) -> str:
-    return await insert_template("welcome")
-
-
-@pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
 
 
 @pytest.fixture

@@ -18,20 +18,9 @@ from sluice.router.app import SERVICE_NAME
 from sluice.router.dispatch import Dispatcher
 from sluice.router.service import RouterServicer
 from sluice.v1 import intent_pb2, router_pb2, router_pb2_grpc, sender_pb2_grpc
-from tests.conftest import InsertTemplate
 from tests.grpc_helpers import field_violations
 from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
 from tests.router.test_router_dispatch import base_settings
-
-
-@pytest.fixture
-async def template(insert_template: InsertTemplate) -> str:
-    return await insert_template("welcome")
-
-
-@pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
 
 
 @pytest.fixture

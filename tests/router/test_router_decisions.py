@@ -21,26 +21,8 @@ from sluice.ingest.settings import IngestSettings
 from sluice.router import controls
 from sluice.router.dispatch import Dispatcher
 from sluice.v1 import ingest_pb2, ingest_pb2_grpc, sender_pb2_grpc
-from tests.conftest import InsertTemplate
-from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
+from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed
 from tests.router.test_router_dispatch import base_settings
-
-
-@pytest.fixture
-async def template(insert_template: InsertTemplate) -> str:
-    return await insert_template("welcome")
-
-
-@pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
-
-
-@pytest.fixture
-async def channel(fake: FakeSender) -> AsyncIterator[grpc.aio.Channel]:
-    async for port in serve_fake(fake):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield ch
 
 
 @pytest.fixture
@@ -56,14 +38,14 @@ async def ingest(pg_dsn: str) -> AsyncIterator[ingest_pb2_grpc.IngestServiceStub
 def dispatcher(
     pg_dsn: str,
     pool: asyncpg.Pool,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     providers: tuple[ProviderConfig, ...] = PROVIDERS,
     **overrides: Any,
 ) -> Dispatcher:
     return Dispatcher(
         base_settings(pg_dsn, **overrides),
         pool,
-        cast(Any, sender_pb2_grpc.SenderServiceStub(channel)),
+        cast(Any, sender_pb2_grpc.SenderServiceStub(sender_channel)),
         providers,
         disabled(),
         rng=random.Random(3),
@@ -79,10 +61,10 @@ async def test_get_intent_shows_the_policys_reason_and_what_it_cost(
     pg_pool: asyncpg.Pool,
     template: str,
     fake: FakeSender,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     ingest: ingest_pb2_grpc.IngestServiceStub,
 ) -> None:
-    d = dispatcher(pg_dsn, pg_pool, channel, circuit_min_samples=5, max_attempts=10)
+    d = dispatcher(pg_dsn, pg_pool, sender_channel, circuit_min_samples=5, max_attempts=10)
     (first,) = await seed(pg_pool, ["ok@example.com"])
     await d.run_round()
     shown = await get(ingest, first)
@@ -144,12 +126,12 @@ async def test_a_provider_closed_to_marketing_stays_a_candidate_for_transactiona
     pg_pool: asyncpg.Pool,
     template: str,
     fake: FakeSender,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
 ) -> None:
     d = dispatcher(
         pg_dsn,
         pg_pool,
-        channel,
+        sender_channel,
         SHARED_PATHS,
         circuit_min_samples=10,
         circuit_success_threshold=0.5,

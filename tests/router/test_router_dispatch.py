@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, cast
 
@@ -32,25 +32,7 @@ from tests.router.router_fakes import (
     long_ago,
     rows,
     seed,
-    serve_fake,
 )
-
-
-@pytest.fixture
-async def template(insert_template: InsertTemplate) -> str:
-    return await insert_template("welcome")
-
-
-@pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
-
-
-@pytest.fixture
-async def sender_channel(fake: FakeSender) -> AsyncIterator[grpc.aio.Channel]:
-    async for port in serve_fake(fake):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield channel
 
 
 def base_settings(pg_dsn: str, **overrides: Any) -> RouterSettings:

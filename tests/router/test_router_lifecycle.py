@@ -37,11 +37,6 @@ async def template(insert_template: InsertTemplate) -> str:
 
 
 @pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
-
-
-@pytest.fixture
 async def sender_port(fake: FakeSender) -> AsyncIterator[int]:
     async for port in serve_fake(fake):
         yield port

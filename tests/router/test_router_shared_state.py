@@ -10,7 +10,6 @@ import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -31,9 +30,9 @@ from sluice.router.outcomes import SENDER_TARGET
 from sluice.router.provider_state import OutageClock
 from sluice.router.shared_state import SharedState, target_key
 from sluice.v1 import sender_pb2_grpc
-from tests.conftest import REDIS_URL, InsertTemplate
+from tests.conftest import REDIS_URL
 from tests.e2e.test_e2e_crashes import REDIS_SERVER, redis_server
-from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed, serve_fake
+from tests.router.router_fakes import PROVIDERS, FakeSender, rows, seed
 from tests.router.test_router_dispatch import base_settings
 
 CIRCUIT = {
@@ -46,27 +45,10 @@ CIRCUIT = {
 }
 
 
-@pytest.fixture
-async def template(insert_template: InsertTemplate) -> str:
-    return await insert_template("welcome")
-
-
-@pytest.fixture
-def fake() -> FakeSender:
-    return FakeSender()
-
-
-@pytest.fixture
-async def channel(fake: FakeSender) -> AsyncIterator[grpc.aio.Channel]:
-    async for port in serve_fake(fake):
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield ch
-
-
 def router(
     pg_dsn: str,
     pool: asyncpg.Pool,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     redis: Any,
     prefix: str,
     seed_: int,
@@ -75,7 +57,7 @@ def router(
     return Dispatcher(
         base_settings(pg_dsn, redis_prefix=prefix, **overrides),
         pool,
-        cast(Any, sender_pb2_grpc.SenderServiceStub(channel)),
+        cast(Any, sender_pb2_grpc.SenderServiceStub(sender_channel)),
         PROVIDERS,
         disabled(),
         rng=random.Random(seed_),
@@ -115,13 +97,14 @@ async def test_two_routers_open_a_circuit_once_and_probe_it_once(
     pg_pool: asyncpg.Pool,
     template: str,
     fake: FakeSender,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     redis_client: aioredis.Redis,
     redis_prefix: str,
 ) -> None:
     fake.fail_providers = {"cheap"}  # every send to cheap: "cheap answered 503"
     a, b = (
-        router(pg_dsn, pg_pool, channel, redis_client, redis_prefix, n, **CIRCUIT) for n in (1, 2)
+        router(pg_dsn, pg_pool, sender_channel, redis_client, redis_prefix, n, **CIRCUIT)
+        for n in (1, 2)
     )
     await seed(pg_pool, [f"ok{i}@example.com" for i in range(12)])
     # Each router sends 6 messages to cheap: neither reaches the 10 samples a circuit needs
@@ -171,14 +154,15 @@ async def test_two_routers_share_an_outage_and_probe_it_once(
     pg_pool: asyncpg.Pool,
     template: str,
     fake: FakeSender,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     redis_client: aioredis.Redis,
     redis_prefix: str,
 ) -> None:
     fake.abort, fake.capacity_down = grpc.StatusCode.UNAVAILABLE, True
     settings = {"outage_probe_seconds": 2.0, "outage_hold_max_seconds": 600.0}
     a, b = (
-        router(pg_dsn, pg_pool, channel, redis_client, redis_prefix, n, **settings) for n in (1, 2)
+        router(pg_dsn, pg_pool, sender_channel, redis_client, redis_prefix, n, **settings)
+        for n in (1, 2)
     )
     ids = await seed(pg_pool, [f"ok{i}@example.com" for i in range(4)])
     await a.run_round()
@@ -209,11 +193,13 @@ async def test_routers_plan_with_their_share_of_each_provider(
     pg_dsn: str,
     pg_pool: asyncpg.Pool,
     template: str,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     redis_client: aioredis.Redis,
     redis_prefix: str,
 ) -> None:
-    routers = [router(pg_dsn, pg_pool, channel, redis_client, redis_prefix, n) for n in range(3)]
+    routers = [
+        router(pg_dsn, pg_pool, sender_channel, redis_client, redis_prefix, n) for n in range(3)
+    ]
     shares = [(await r.state.view(["marketing"])).share for r in routers]
     assert shares[-1] == pytest.approx(1 / 3)  # the third has heard of all three
     assert (await routers[0].state.view(["marketing"])).share == pytest.approx(1 / 3)
@@ -225,7 +211,7 @@ async def test_redis_down_falls_back_to_local_state_says_so_and_comes_back(
     pg_pool: asyncpg.Pool,
     template: str,
     fake: FakeSender,
-    channel: grpc.aio.Channel,
+    sender_channel: grpc.aio.Channel,
     redis_prefix: str,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
@@ -234,7 +220,7 @@ async def test_redis_down_falls_back_to_local_state_says_so_and_comes_back(
     async with redis_server(tmp_path / "redis.log") as server:
         client = aioredis.Redis.from_url(server.url, socket_connect_timeout=0.2)
         settings = {**CIRCUIT, "router_batch_size": 100}
-        d = router(pg_dsn, pg_pool, channel, client, redis_prefix, 1, **settings)
+        d = router(pg_dsn, pg_pool, sender_channel, client, redis_prefix, 1, **settings)
         metrics = Metrics("router")
         RouterMetrics(metrics, PROVIDERS, ProviderHealthTracker(PROVIDERS)).watch_shared_state(
             shared(d)
