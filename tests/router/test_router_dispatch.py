@@ -19,9 +19,10 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from sluice.common.telemetry import Telemetry, disabled, setup_tracing
 from sluice.ingest.repository import insert_intents
 from sluice.router import repository
-from sluice.router.dispatch import Dispatcher, TemplateCache
+from sluice.router.dispatch import Dispatcher, TemplateCache, next_wait
 from sluice.router.health import HealthState, ProviderHealthTracker
 from sluice.router.settings import RouterSettings
+from sluice.router.stats import RoundResult
 from sluice.v1 import sender_pb2_grpc
 from tests.conftest import InsertTemplate
 from tests.db.db_factories import new_intent
@@ -460,3 +461,24 @@ async def test_workers_back_off_while_the_sender_is_unreachable(
     assert 1 <= len(fake.calls) <= 15, len(fake.calls)
     attempts = await pg_pool.fetchval("SELECT max(attempts) FROM intents")
     assert attempts == 0
+
+
+def test_a_worker_leases_again_at_once_only_behind_a_backlog(pg_dsn: str) -> None:
+    # At 500 intents/s, leasing again at once after a part-full lease made rounds of a few
+    # intents: router and sender CPU went from about 50 µs to about 1 ms per intent, and
+    # ingest's p50 on the same 2 cores from 1.9 to 4.7 ms. A part-full lease now waits,
+    # less the fuller it was.
+    settings = base_settings(pg_dsn, router_idle_sleep=0.2, router_batch_size=500)
+    assert next_wait(RoundResult(leased=500, sent=500, batches=1), settings).seconds == 0
+    part = next_wait(RoundResult(leased=50, sent=50, batches=1), settings)
+    fuller = next_wait(RoundResult(leased=400, sent=400, batches=1), settings)
+    assert part.seconds == pytest.approx(0.18)
+    assert 0 < fuller.seconds < part.seconds
+    assert not part.until_recovery
+    # the other waits are as before
+    assert next_wait(RoundResult(), settings).seconds == 0.2
+    down = next_wait(RoundResult(leased=5, batches=1, unreachable=1), settings)
+    assert down.until_recovery
+    assert down.seconds == settings.outage_probe_seconds
+    throttled = next_wait(RoundResult(leased=5, batches=1, throttle_pause=0.7), settings)
+    assert (throttled.seconds, throttled.jitter) == (0.7, (1.0, 1.0))

@@ -414,7 +414,9 @@ def test_every_decision_is_one_a_rule_allows(
             assert want.kind not in chosen.closed
             assert d.cost == pytest.approx(chosen.cost_per_thousand / 1000)
             if chosen.degraded:
-                healthy = [s for s in could if usable(s) and not s.degraded]
+                healthy = [
+                    s for s in could if usable(s) and not s.degraded and want.kind not in s.closed
+                ]
                 assert not healthy
         else:
             assert d.retry_at > NOW

@@ -227,21 +227,12 @@ class Dispatcher:
                 await self._pause(pause * self._rng.uniform(0.5, 1.0))
                 continue
             errors = 0
-            if result.batches and result.unreachable == result.batches and result.sent == 0:
-                # Nothing could be handed over: the prober watches the target; wait for it
-                # (woken at once when it answers) rather than lease the next batch now.
+            wait = next_wait(result, self.settings)
+            if wait.until_recovery:
                 self._recovered.clear()
-                await self._pause(
-                    self.settings.outage_probe_seconds * self._rng.uniform(1.0, 2.0),
-                    wake_on_recovery=True,
-                )
-            elif result.leased == 0:
-                # Jitter keeps idle workers of many routers from polling in lockstep.
-                await self._pause(idle * self._rng.uniform(0.5, 1.5))
-            elif result.sent == 0 and result.throttle_pause is not None:
-                # Everything we could send was throttled: leasing again at once would only
-                # churn rows between pending and leased until the buckets refill.
-                await self._pause(min(result.throttle_pause, THROTTLE_PAUSE_CAP_SECONDS))
+            await self._pause(
+                wait.seconds * self._rng.uniform(*wait.jitter), wake_on_recovery=wait.until_recovery
+            )
 
     async def _reclaimer(self) -> None:
         interval = self.settings.lease_seconds / 3
@@ -461,3 +452,37 @@ class _Tally:
                 self.seconds is None or m.retry_after < self.seconds
             ):
                 self.seconds = m.retry_after
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """How long a worker waits before its next lease: ``seconds`` scaled by a random factor
+    in ``jitter`` (so the workers of many routers do not poll in lockstep), cut short when
+    a target recovers if ``until_recovery``."""
+
+    seconds: float
+    jitter: tuple[float, float] = (0.5, 1.5)
+    until_recovery: bool = False
+
+
+def next_wait(result: RoundResult, settings: RouterSettings) -> Wait:
+    """What a worker does after ``result``: lease again at once only while the queue has a
+    backlog (the lease came back full)."""
+    if result.batches and result.unreachable == result.batches and result.sent == 0:
+        # Nothing could be handed over: the prober watches the target; wait for it (woken
+        # at once when it answers) rather than lease the next batch now.
+        return Wait(settings.outage_probe_seconds, (1.0, 2.0), until_recovery=True)
+    if result.leased == 0:
+        return Wait(settings.router_idle_sleep)
+    if result.sent == 0 and result.throttle_pause is not None:
+        # Everything we could send was throttled: leasing again at once would only churn
+        # rows between pending and leased until the buckets refill.
+        return Wait(min(result.throttle_pause, THROTTLE_PAUSE_CAP_SECONDS), (1.0, 1.0))
+    # A part-full lease means the queue is keeping up, so arrivals can gather into fewer,
+    # larger rounds. A round costs the router, the sender and PostgreSQL a few milliseconds
+    # of CPU whatever its size: at 500 intents/s, leasing again at once made rounds of a few
+    # intents, about 1 ms of router and sender CPU per intent, and doubled ingest's latency
+    # on the same cores. The wait shrinks as the lease fills and is never longer than an
+    # idle worker's; a full lease (a backlog) leases again at once.
+    fill = 1.0 - min(result.leased, settings.router_batch_size) / settings.router_batch_size
+    return Wait(settings.router_idle_sleep * fill)
