@@ -32,6 +32,8 @@ LEGEND = """\
   unary: 5,000 SubmitIntent calls, 64 in flight from one client process (its CPU counts)
   bare pipeline: the router's lease → complete SQL in this process, no gRPC, sender or Redis
               (router batch size and concurrency); bare insert: ingest's insert_intents
+  CPU s during send: each service with its child processes (the sender's render workers),
+              and the PostgreSQL backends of the run's database, per email sent
   services run as separate processes (sluice serve ...), as they do in production"""
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"

@@ -189,24 +189,20 @@ WHERE id = ANY(ARRAY(
 _COUNTS = """
 SELECT intents.status::text AS status, intents.kind::text AS kind, intents.provider,
        count(*) AS n
-FROM intents {where}
+FROM {rows} AS intents
 GROUP BY intents.status, intents.kind, intents.provider
 ORDER BY intents.status, intents.kind, intents.provider NULLS FIRST
 """
-QUEUE_COUNTS_SQL = _COUNTS.format(where="")
+QUEUE_COUNTS_SQL = _COUNTS.format(rows="intents")
 # One campaign: its list index leaves leased rows out (0010_lean_leases.sql), so those come
 # from the leased-expiry index and the rest from the campaign index.
-CAMPAIGN_QUEUE_COUNTS_SQL = """
-SELECT intents.status::text AS status, intents.kind::text AS kind, intents.provider,
-       count(*) AS n
-FROM (
+CAMPAIGN_QUEUE_COUNTS_SQL = _COUNTS.format(
+    rows="""(
     SELECT status, kind, provider FROM intents WHERE campaign_id = $1 AND status <> 'leased'
     UNION ALL
     SELECT status, kind, provider FROM intents WHERE campaign_id = $1 AND status = 'leased'
-) AS intents
-GROUP BY intents.status, intents.kind, intents.provider
-ORDER BY intents.status, intents.kind, intents.provider NULLS FIRST
-"""
+)"""
+)
 QUEUE_DUE_SQL = """
 SELECT count(*) AS due,
        COALESCE(EXTRACT(EPOCH FROM now() - min(due_at)), 0)::float8 AS oldest
