@@ -362,6 +362,14 @@ async def test_queue_stats_counts_and_due_backlog(pg_pool: asyncpg.Pool, templat
     empty = await repo.queue_stats(pg_pool, "nobody")
     assert (empty.counts, empty.due, empty.oldest_due_age_seconds) == ([], 0, 0.0)
 
+    # Leased rows are outside the campaign's list index (0010): counted all the same.
+    await repo.lease(pg_pool, lease_id=uuid.uuid4(), limit=2, lease_seconds=30)
+    leased_a = await repo.queue_stats(pg_pool, "a")
+    assert leased_a.counts == [
+        ("pending", "marketing", None, 3),
+        ("leased", "marketing", None, 1),
+    ]
+
 
 async def test_intent_row_stays_readable_through_the_lifecycle(
     pg_pool: asyncpg.Pool, template: str
