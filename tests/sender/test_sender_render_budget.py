@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from sluice.common.errors import Unavailable
 from sluice.common.telemetry import disabled
 from sluice.sender import app
 from sluice.sender.render import Template
@@ -165,3 +167,31 @@ async def test_pool_reasons_name_the_budget_and_a_stuck_worker_is_replaced() -> 
         assert msg.html == "<p>&lt;b&gt;</p>"
     finally:
         await pool.aclose()
+
+
+def _manager_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if type(t).__name__ == "_ExecutorManagerThread"]
+
+
+async def test_a_dead_idle_worker_rebuilds_the_pool_and_close_joins_every_manager_thread() -> None:
+    """A worker that dies while idle makes ``submit`` itself raise BrokenProcessPool: that
+    batch is answered unavailable (retried later) and the pool rebuilt, not an error for
+    every batch after it. And a manager thread left running at exit races the interpreter's
+    exit hook over its wake-up pipe (Python 3.11 prints ``OSError: [Errno 9] Bad file
+    descriptor`` as the sender exits, which failed CI): closing the pool, including the one
+    retired by the rebuild, must leave none running."""
+    before = set(_manager_threads())
+    pool = RenderPool(1)
+    await pool.start()
+    # A worker killed from outside (as the kernel's OOM killer would) breaks the pool; the
+    # next render rebuilds it and leaves the broken pool's manager thread behind.
+    for process in list(pool._pool._processes.values()):  # type: ignore[union-attr]
+        process.kill()
+        await asyncio.to_thread(process.join)
+    ok = Template("ok", 1, "s", "{{ name }}", "t", ("name",), "")
+    with pytest.raises(Unavailable):
+        await pool.render(ok, [{"name": "a"}])
+    (msg,) = await pool.render(ok, [{"name": "a"}])
+    assert not isinstance(msg, Exception)
+    await pool.aclose()
+    assert [t for t in _manager_threads() if t not in before] == []

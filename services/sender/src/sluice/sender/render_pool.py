@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing
+import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -61,6 +62,8 @@ class RenderPool:
         self._budget = budget or RenderBudget()
         self._poisoned: OrderedDict[bytes, str] = OrderedDict()
         self._pool = self._new_pool()
+        # Manager threads of pools killed by a restart, which ``aclose`` still joins.
+        self._retired: list[threading.Thread] = []
 
     @property
     def budget(self) -> RenderBudget:
@@ -105,11 +108,12 @@ class RenderPool:
         self, template: Template, variables: list[dict[str, str]]
     ) -> tuple[list[Wire], bool]:
         pool = self._pool
-        future = pool.submit(render_batch, template, variables, self._budget)
         # Grace beyond the batch budget covers queueing behind other batches and a loaded box,
         # and stays under the router's default SendBatch timeout (10 s).
         limit = self._budget.batch_seconds + 2.0
         try:
+            # ``submit`` itself raises BrokenProcessPool once a worker died while idle.
+            future = pool.submit(render_batch, template, variables, self._budget)
             return await asyncio.wait_for(asyncio.wrap_future(future), limit)
         except TimeoutError:
             log.warning("render worker stuck past its budget; restarting the pool")
@@ -125,7 +129,9 @@ class RenderPool:
     def _restart(self, broken: ProcessPoolExecutor) -> None:
         if self._pool is broken:
             self._pool = self._new_pool()
-        _kill(broken)
+        thread = _kill(broken)
+        if thread is not None:
+            self._retired.append(thread)
 
     def _poison(self, key: bytes, reason: str) -> None:
         self._poisoned[key] = reason
@@ -133,18 +139,40 @@ class RenderPool:
             self._poisoned.popitem(last=False)
 
     async def aclose(self) -> None:
-        """Stops the workers without waiting for renders in flight."""
-        _kill(self._pool)
+        """Stops the workers without waiting for renders in flight, and waits (briefly) for
+        each executor's manager thread to finish.
+
+        Left running, a manager thread closes its wake-up pipe while the interpreter's exit
+        hook writes to it: on Python 3.11 that race prints ``OSError: [Errno 9] Bad file
+        descriptor`` from ``concurrent.futures`` as the sender exits. The workers are already
+        killed, so the join takes milliseconds; it runs off the event loop all the same.
+        """
+        threads = [*self._retired, _kill(self._pool)]
+        self._retired.clear()
+        await asyncio.wait_for(asyncio.to_thread(_join, threads), _JOIN_SECONDS)
 
 
-def _kill(pool: ProcessPoolExecutor) -> None:
+_JOIN_SECONDS = 10.0
+
+
+def _kill(pool: ProcessPoolExecutor) -> threading.Thread | None:
+    """Kills the pool's workers and shuts it down without waiting; returns its manager
+    thread (which ``shutdown`` forgets) so the caller can join it."""
     # The executor has no public way to kill its workers; terminate them before shutdown so a
     # stuck render cannot hold shutdown (or the pool restart) hostage.
-    processes = list(getattr(pool, "_processes", {}).values())
+    thread: threading.Thread | None = getattr(pool, "_executor_manager_thread", None)
+    processes = list((getattr(pool, "_processes", None) or {}).values())
     for process in processes:
         with contextlib.suppress(Exception):
             process.kill()
     pool.shutdown(wait=False, cancel_futures=True)
+    return thread
+
+
+def _join(threads: Sequence[threading.Thread | None]) -> None:
+    for thread in threads:
+        if thread is not None:
+            thread.join()
 
 
 def _content_key(template: Template) -> bytes:
