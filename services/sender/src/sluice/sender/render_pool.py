@@ -149,7 +149,10 @@ class RenderPool:
         """
         threads = [*self._retired, _kill(self._pool)]
         self._retired.clear()
-        await asyncio.wait_for(asyncio.to_thread(_join, threads), _JOIN_SECONDS)
+        try:
+            await asyncio.wait_for(asyncio.to_thread(_join, threads), _JOIN_SECONDS)
+        except TimeoutError:
+            log.warning("render pool threads still running %.0f s after close", _JOIN_SECONDS)
 
 
 _JOIN_SECONDS = 10.0
