@@ -5,7 +5,11 @@ sender's memory does not grow with what the templates asked for."""
 from __future__ import annotations
 
 import asyncio
+import os
 import resource
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -195,3 +199,56 @@ async def test_a_dead_idle_worker_rebuilds_the_pool_and_close_joins_every_manage
     assert not isinstance(msg, Exception)
     await pool.aclose()
     assert [t for t in _manager_threads() if t not in before] == []
+
+
+ORPHAN_SCRIPT = """
+import asyncio, os, sys, time
+from sluice.sender.render_pool import RenderPool
+
+async def main():
+    pool = RenderPool(2)
+    await pool.start()
+    with open(sys.argv[1] + ".tmp", "w") as out:
+        out.write(" ".join(str(p) for p in pool._pool._processes))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    time.sleep(600)
+
+if __name__ == "__main__":
+    asyncio.run(main())
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def test_render_workers_exit_when_their_sender_is_killed(tmp_path: Path) -> None:
+    """A sender killed with SIGKILL cannot shut its pool down: its workers must still go,
+    not wait on the call queue forever (CI runs left such orphans behind)."""
+    script, pids = tmp_path / "sender_like.py", tmp_path / "pids"
+    script.write_text(ORPHAN_SCRIPT)
+    proc = subprocess.Popen([sys.executable, str(script), str(pids)])  # noqa: ASYNC220
+    workers: list[int] = []
+    try:
+        for _ in range(600):
+            if pids.exists() or proc.poll() is not None:
+                break
+            await asyncio.sleep(0.1)
+        workers = [int(p) for p in pids.read_text().split()]
+        assert len(workers) == 2
+        assert all(_alive(p) for p in workers)
+    finally:
+        proc.kill()
+        proc.wait()
+    for _ in range(150):
+        if not any(_alive(p) for p in workers):
+            break
+        await asyncio.sleep(0.1)
+    left = [p for p in workers if _alive(p)]
+    for pid in left:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert left == []

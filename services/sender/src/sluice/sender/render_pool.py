@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import multiprocessing
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -75,7 +76,7 @@ class RenderPool:
             self._workers,
             mp_context=multiprocessing.get_context("spawn"),
             initializer=init_worker,
-            initargs=(self._budget,),
+            initargs=(self._budget, os.getpid()),
         )
 
     async def start(self) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import resource
 import signal
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -44,17 +45,39 @@ def _on_timer(signum: int, frame: FrameType | None) -> None:
     raise _Timeout
 
 
-def init_worker(budget: RenderBudget) -> None:
+def init_worker(budget: RenderBudget, parent: int) -> None:
+    """Sets a worker up; ``parent`` is the sender's pid (the worker may start after the
+    sender died, so it cannot take its parent from ``getppid``)."""
     global _renderer
     _renderer = Renderer(max_output_chars=budget.max_output_chars)
     signal.signal(signal.SIGALRM, _on_timer)
     # The parent handles SIGINT/SIGTERM and shuts the pool down; a worker must not die first.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _watch_parent(parent)
     with open("/proc/self/statm", encoding="ascii") as statm:  # noqa: PTH123 (a proc file)
         current = int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
     limit = current + budget.memory_bytes
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+#: How often a worker checks that the sender that started it is still alive.
+PARENT_CHECK_SECONDS = 1.0
+
+
+def _watch_parent(parent: int) -> None:
+    """Exits the worker once its sender is gone.
+
+    A sender killed outright (SIGKILL, the OOM killer) cannot shut its pool down, and an idle
+    worker would wait on the call queue forever: the queue's pipe stays open because every
+    worker holds both of its ends. The worker is then re-parented, which this notices."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_SECONDS)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def render_batch(
