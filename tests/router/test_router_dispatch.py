@@ -468,12 +468,18 @@ def test_a_worker_leases_again_at_once_only_behind_a_backlog(pg_dsn: str) -> Non
     # intents: router and sender CPU went from about 50 µs to about 1 ms per intent, and
     # ingest's p50 on the same 2 cores from 1.9 to 4.7 ms. A part-full lease now waits,
     # less the fuller it was.
-    settings = base_settings(pg_dsn, router_idle_sleep=0.2, router_batch_size=500)
+    # The pacing is the router's, shared by its workers: each waits ``concurrency`` times as
+    # long (4 workers pacing alone made four times the rounds, a quarter as full, for twice
+    # the router and sender CPU per intent at 500/s), and a backlog found by one wakes them.
+    settings = base_settings(
+        pg_dsn, router_idle_sleep=0.2, router_batch_size=500, router_concurrency=4
+    )
     assert next_wait(RoundResult(leased=500, sent=500, batches=1), settings).seconds == 0
     part = next_wait(RoundResult(leased=50, sent=50, batches=1), settings)
     fuller = next_wait(RoundResult(leased=400, sent=400, batches=1), settings)
-    assert part.seconds == pytest.approx(0.18)
+    assert part.seconds == pytest.approx(0.18 * 4)
     assert 0 < fuller.seconds < part.seconds
+    assert part.until_backlog
     assert not part.until_recovery
     # the other waits are as before
     assert next_wait(RoundResult(), settings).seconds == 0.2
@@ -482,3 +488,20 @@ def test_a_worker_leases_again_at_once_only_behind_a_backlog(pg_dsn: str) -> Non
     assert down.seconds == settings.outage_probe_seconds
     throttled = next_wait(RoundResult(leased=5, batches=1, throttle_pause=0.7), settings)
     assert (throttled.seconds, throttled.jitter) == (0.7, (1.0, 1.0))
+
+
+async def test_a_full_lease_wakes_the_workers_pacing_a_trickle(
+    make_dispatcher: MakeDispatcher,
+) -> None:
+    dispatcher = make_dispatcher(router_idle_sleep=5.0, router_batch_size=10)
+    part = dispatcher._after_round(RoundResult(leased=3, sent=3, batches=1))
+    assert part.seconds > 1
+    pacing = asyncio.create_task(dispatcher._pause(part.seconds, wake_on_backlog=True))
+    idle = asyncio.create_task(dispatcher._pause(5.0))
+    await asyncio.sleep(0.05)
+    assert not pacing.done()
+    full = dispatcher._after_round(RoundResult(leased=10, sent=10, batches=1))
+    assert full.seconds == 0
+    await asyncio.wait_for(pacing, 1.0)  # woken by the backlog, not after its seconds
+    assert not idle.done()  # a wait that did not ask is not cut short
+    idle.cancel()

@@ -141,6 +141,8 @@ class Dispatcher:
         self._policy = RetryPolicy.from_settings(settings)
         self._stopping = asyncio.Event()
         self._recovered = asyncio.Event()
+        # Pulsed when a worker's lease comes back full: workers pacing a trickle lease again.
+        self._backlog = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._rounds: dict[uuid.UUID, _Round] = {}
 
@@ -200,13 +202,18 @@ class Dispatcher:
             extra={"sent": sum(self.stats.sent.values()), "released": self.stats.released},
         )
 
-    async def _pause(self, seconds: float, *, wake_on_recovery: bool = False) -> None:
-        """Sleeps ``seconds`` unless stop is requested (or, if asked, a target recovers)."""
+    async def _pause(
+        self, seconds: float, *, wake_on_recovery: bool = False, wake_on_backlog: bool = False
+    ) -> None:
+        """Sleeps ``seconds`` unless stop is requested (or, if asked, a target recovers or
+        another worker finds a backlog)."""
         if seconds <= 0:
             return
         waits = [asyncio.ensure_future(self._stopping.wait())]
         if wake_on_recovery:
             waits.append(asyncio.ensure_future(self._recovered.wait()))
+        if wake_on_backlog:
+            waits.append(asyncio.ensure_future(self._backlog.wait()))
         try:
             await asyncio.wait(waits, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -227,12 +234,24 @@ class Dispatcher:
                 await self._pause(pause * self._rng.uniform(0.5, 1.0))
                 continue
             errors = 0
-            wait = next_wait(result, self.settings)
-            if wait.until_recovery:
-                self._recovered.clear()
+            wait = self._after_round(result)
             await self._pause(
-                wait.seconds * self._rng.uniform(*wait.jitter), wake_on_recovery=wait.until_recovery
+                wait.seconds * self._rng.uniform(*wait.jitter),
+                wake_on_recovery=wait.until_recovery,
+                wake_on_backlog=wait.until_backlog,
             )
+
+    def _after_round(self, result: RoundResult) -> Wait:
+        """How long this worker waits now; a full lease also wakes the workers pacing."""
+        wait = next_wait(result, self.settings)
+        if wait.until_recovery:
+            self._recovered.clear()
+        if result.leased >= self.settings.router_batch_size:
+            # Wakes every worker waiting in ``_pause`` now; clearing at once keeps it a pulse
+            # (the waits it woke are already resolved).
+            self._backlog.set()
+            self._backlog.clear()
+        return wait
 
     async def _reclaimer(self) -> None:
         interval = self.settings.lease_seconds / 3
@@ -458,11 +477,13 @@ class _Tally:
 class Wait:
     """How long a worker waits before its next lease: ``seconds`` scaled by a random factor
     in ``jitter`` (so the workers of many routers do not poll in lockstep), cut short when
-    a target recovers if ``until_recovery``."""
+    a target recovers if ``until_recovery``, or when another worker of the router finds a
+    backlog if ``until_backlog``."""
 
     seconds: float
     jitter: tuple[float, float] = (0.5, 1.5)
     until_recovery: bool = False
+    until_backlog: bool = False
 
 
 def next_wait(result: RoundResult, settings: RouterSettings) -> Wait:
@@ -482,7 +503,10 @@ def next_wait(result: RoundResult, settings: RouterSettings) -> Wait:
     # larger rounds. A round costs the router, the sender and PostgreSQL a few milliseconds
     # of CPU whatever its size: at 500 intents/s, leasing again at once made rounds of a few
     # intents, about 1 ms of router and sender CPU per intent, and doubled ingest's latency
-    # on the same cores. The wait shrinks as the lease fills and is never longer than an
-    # idle worker's; a full lease (a backlog) leases again at once.
+    # on the same cores. The wait shrinks as the lease fills. It is the router's pacing,
+    # shared by its workers: each waits ``concurrency`` times as long, so together they
+    # lease about once per idle sleep (with each worker pacing alone, 4 workers made four
+    # times the rounds, each a quarter as full, for twice the router and sender CPU per
+    # intent). A full lease (a backlog) leases again at once and wakes the waiting workers.
     fill = 1.0 - min(result.leased, settings.router_batch_size) / settings.router_batch_size
-    return Wait(settings.router_idle_sleep * fill)
+    return Wait(settings.router_idle_sleep * fill * settings.router_concurrency, until_backlog=True)
