@@ -300,6 +300,9 @@ async def _check_circuit(flushes: list[tuple[int, int, int, int, float]]) -> Non
             hold_max=30.0,
             router_id=f"r{n}",
             outages=OutageClock(probe_interval=0.5, hold_max=30.0, rng=random.Random(n)),
+            # The combined arithmetic is under test, not the fallback: a loaded CI box once
+            # took longer than the routers' 0.25 s for one of these round trips.
+            redis_timeout=10.0,
         )
         for n in range(2)
     ]

@@ -107,8 +107,10 @@ class SharedState:
         hold_max: float,
         router_id: str,
         outages: OutageClock,
+        redis_timeout: float = REDIS_TIMEOUT_SECONDS,
     ) -> None:
         self._redis = redis
+        self._timeout = redis_timeout
         self._prefix = prefix
         self._circuits = {name: ("", *sorted(kinds)) for name, kinds in served.items()}
         self._targets = [*self._circuits, *extra_targets]
@@ -200,7 +202,7 @@ class SharedState:
         ]
         calls.append(("routers", self.routers_key, [self._id, int(ROUTER_ALIVE_SECONDS * 1000)]))
         try:
-            replies = await asyncio.wait_for(self._pipeline(calls), REDIS_TIMEOUT_SECONDS)
+            replies = await asyncio.wait_for(self._pipeline(calls), self._timeout)
             view = self._read(replies[:-1])
             self.routers = max(1, int(replies[-1]))
         except _FAILURES as exc:  # route on local state
@@ -264,9 +266,7 @@ class SharedState:
             return None
         key = target_key(self._prefix, target)
         try:
-            reply = await asyncio.wait_for(
-                self._pipeline([(script, key, args)]), REDIS_TIMEOUT_SECONDS
-            )
+            reply = await asyncio.wait_for(self._pipeline([(script, key, args)]), self._timeout)
         except _FAILURES as exc:  # local state until it answers
             self._failed(exc)
             return None
