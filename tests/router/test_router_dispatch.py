@@ -474,7 +474,9 @@ def test_a_worker_leases_again_at_once_only_behind_a_backlog(pg_dsn: str) -> Non
     settings = base_settings(
         pg_dsn, router_idle_sleep=0.2, router_batch_size=500, router_concurrency=4
     )
-    assert next_wait(RoundResult(leased=500, sent=500, batches=1), settings).seconds == 0
+    full = next_wait(RoundResult(leased=500, sent=500, batches=1), settings)
+    assert full.seconds == 0
+    assert full.wakes_others
     part = next_wait(RoundResult(leased=50, sent=50, batches=1), settings)
     fuller = next_wait(RoundResult(leased=400, sent=400, batches=1), settings)
     assert part.seconds == pytest.approx(0.18 * 4)
@@ -488,6 +490,12 @@ def test_a_worker_leases_again_at_once_only_behind_a_backlog(pg_dsn: str) -> Non
     assert down.seconds == settings.outage_probe_seconds
     throttled = next_wait(RoundResult(leased=5, batches=1, throttle_pause=0.7), settings)
     assert (throttled.seconds, throttled.jitter) == (0.7, (1.0, 1.0))
+    # A full lease that could not be sent is no backlog to wake the other workers for:
+    # they would only lease rows that cannot go either.
+    stuck_full = next_wait(RoundResult(leased=500, batches=1, throttle_pause=0.7), settings)
+    down_full = next_wait(RoundResult(leased=500, batches=1, unreachable=1), settings)
+    assert not stuck_full.wakes_others
+    assert not down_full.wakes_others
 
 
 async def test_a_full_lease_wakes_the_workers_pacing_a_trickle(

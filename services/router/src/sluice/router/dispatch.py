@@ -246,7 +246,7 @@ class Dispatcher:
         wait = next_wait(result, self.settings)
         if wait.until_recovery:
             self._recovered.clear()
-        if result.leased >= self.settings.router_batch_size:
+        if wait.wakes_others:
             # Wakes every worker waiting in ``_pause`` now; clearing at once keeps it a pulse
             # (the waits it woke are already resolved).
             self._backlog.set()
@@ -478,12 +478,14 @@ class Wait:
     """How long a worker waits before its next lease: ``seconds`` scaled by a random factor
     in ``jitter`` (so the workers of many routers do not poll in lockstep), cut short when
     a target recovers if ``until_recovery``, or when another worker of the router finds a
-    backlog if ``until_backlog``."""
+    backlog if ``until_backlog``. ``wakes_others``: this worker found a backlog, so the
+    workers waiting ``until_backlog`` lease again now."""
 
     seconds: float
     jitter: tuple[float, float] = (0.5, 1.5)
     until_recovery: bool = False
     until_backlog: bool = False
+    wakes_others: bool = False
 
 
 def next_wait(result: RoundResult, settings: RouterSettings) -> Wait:
@@ -508,5 +510,7 @@ def next_wait(result: RoundResult, settings: RouterSettings) -> Wait:
     # lease about once per idle sleep (with each worker pacing alone, 4 workers made four
     # times the rounds, each a quarter as full, for twice the router and sender CPU per
     # intent). A full lease (a backlog) leases again at once and wakes the waiting workers.
-    fill = 1.0 - min(result.leased, settings.router_batch_size) / settings.router_batch_size
+    if result.leased >= settings.router_batch_size:
+        return Wait(0.0, wakes_others=True)
+    fill = 1.0 - result.leased / settings.router_batch_size
     return Wait(settings.router_idle_sleep * fill * settings.router_concurrency, until_backlog=True)

@@ -131,8 +131,9 @@ class RenderPool:
         if self._pool is broken:
             self._pool = self._new_pool()
         thread = _kill(broken)
-        if thread is not None:
-            self._retired.append(thread)
+        # Only threads still running are kept, so a sender restarting its pool often (one
+        # stuck template after another) does not hold on to every thread it ever had.
+        self._retired = [t for t in (*self._retired, thread) if t is not None and t.is_alive()]
 
     def _poison(self, key: bytes, reason: str) -> None:
         self._poisoned[key] = reason
