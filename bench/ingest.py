@@ -7,7 +7,12 @@ Rows, each run against a fresh database and real ``sluice serve`` processes:
   so queueing shows in the latency. p50/p95/p99 of the accepted calls, and every outcome
   counted: OK,
   RESOURCE_EXHAUSTED with a RetryInfo hint (shed at once), and anything else by code
-  (CANCELLED is what gRPC core answers for calls it gave up holding);
+  (CANCELLED is what gRPC core answers for calls it gave up holding). Beside each, the CPU
+  each party spent per call (ingest; router and sender with the render workers; this
+  process, the load generator; ingest's database's PostgreSQL backends), from /proc: on a
+  small machine they share the cores, and the tail follows their sum;
+- the same unary load with the router and sender stopped (``--alone-rate``, 500/s): what
+  ingest answers with the cores to itself, the load generator and PostgreSQL;
 - SubmitIntents, 1,000 per batch, 4 batches in flight: intents/s (router and sender
   stopped first: ingest and the database alone, as in the baselines);
 - SubmitIntentStream, one stream of chunks: intents/s for a campaign of --stream-count;
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import time
 import uuid
@@ -40,6 +46,7 @@ from bench.e2e import (
     Service,
     fresh_database,
     new_intents,
+    postgres_cpu_seconds,
     servers,
     submissions,
 )
@@ -113,6 +120,34 @@ async def open_loop(target: str, rate: float, seconds: float, tag: str) -> dict[
         "cancelled": outcomes["CANCELLED"],
         "other": other - outcomes["CANCELLED"],
     }
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _cpu_now(services: dict[str, Service], dsn: str) -> dict[str, float]:
+    """CPU seconds so far of each party to a unary call (see the module docstring)."""
+    return {
+        "ingest": services["ingest"].cpu_seconds(),
+        "router+sender": services["router"].cpu_seconds() + services["sender"].cpu_seconds(),
+        "client": _own_cpu_seconds(),
+        "postgres": postgres_cpu_seconds(dsn),
+    }
+
+
+async def measured_loop(
+    services: dict[str, Service], dsn: str, target: str, rate: float, seconds: float, tag: str
+) -> dict[str, float]:
+    """:func:`open_loop`, plus each party's CPU per offered call (ms)."""
+    before = _cpu_now(services, dsn)
+    figures = await open_loop(target, rate, seconds, tag)
+    after = _cpu_now(services, dsn)
+    calls = int(rate * seconds)
+    for party, cpu in after.items():
+        figures[f"cpu:{party}"] = (cpu - before[party]) / calls * 1000
+    return figures
 
 
 async def batches(target: str, count: int, tag: str) -> float:
@@ -231,15 +266,21 @@ async def one_run(
         target = f"127.0.0.1:{ports['ingest']}"
         tag = f"r{run}-{uuid.uuid4().hex[:6]}"
         for rate in args.rates:
-            r = await open_loop(target, rate, args.seconds, f"{tag}u{rate}")
+            r = await measured_loop(services, dsn, target, rate, args.seconds, f"{tag}u{rate}")
             for k, v in r.items():
                 figures[f"unary{rate}:{k}"] = v
-            print(f"  run {run}: {rate}/s offered: {r}", flush=True)
+            print(f"  run {run}: {rate}/s offered: {_brief(r)}", flush=True)
         # The batch rows measure ingest against the database alone, as the baselines do:
         # on a 2-core machine a router and sender draining the queue take the CPU they
         # would measure.
         await services["router"].stop()
         await services["sender"].stop()
+        if args.alone_rate:
+            rate = args.alone_rate
+            r = await measured_loop(services, dsn, target, rate, args.seconds, f"{tag}a{rate}")
+            for k, v in r.items():
+                figures[f"alone:{k}"] = v
+            print(f"  run {run}: {rate}/s offered, ingest alone: {_brief(r)}", flush=True)
         figures["batch"] = await batches(target, args.batch_count, f"{tag}b")
         print(f"  run {run}: SubmitIntents {figures['batch']:,.0f}/s", flush=True)
         if args.stream_count:
@@ -253,25 +294,42 @@ async def one_run(
     return figures
 
 
+def _brief(figures: dict[str, float]) -> str:
+    return ", ".join(
+        f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()
+    )
+
+
 def table(runs: list[dict[str, float]], args: argparse.Namespace) -> str:
     def med(key: str) -> float:
         return statistics.median(r[key] for r in runs)
 
     seed, bare = med("seed"), med("bare")
+    alone = ", then ingest alone" if args.alone_rate else ""
     lines = [
         f"ingest bench: median of {len(runs)} run(s); unary {args.seconds:.0f} s per load"
-        f" (router and sender running); batches {args.batch_count:,} intents and stream"
+        f" (router and sender running{alone}); batches {args.batch_count:,} intents and stream"
         f" {args.stream_count:,} (ingest alone); seed style {args.seed_count:,} intents",
         f"{'stage':48} {'median':>16} {'vs seed style':>14}",
     ]
-    for rate in args.rates:
-        p = f"unary{rate}:"
+    unary = [(f"unary{rate}:", f"SubmitIntent at {rate:,}/s offered", True) for rate in args.rates]
+    if args.alone_rate:
+        unary.append(("alone:", f"SubmitIntent at {args.alone_rate:,}/s, ingest alone", False))
+    for p, name, full in unary:
         latency = f"{med(p + 'p50'):.1f}/{med(p + 'p95'):.1f}/{med(p + 'p99'):.1f}"
         answered = f"{med(p + 'ok'):,.0f} / {med(p + 'shed'):,.0f}"
         lost = f"{med(p + 'cancelled'):,.0f} / {med(p + 'other'):,.0f}"
-        lines.append(f"{f'SubmitIntent at {rate:,}/s offered, p50/p95/p99 ms':48} {latency:>16}")
+        parties = ["ingest", "router+sender", "client", "postgres"]
+        if not full:
+            parties.remove("router+sender")
+        cpu = " / ".join(f"{med(f'{p}cpu:{party}'):.2f}" for party in parties)
+        short = "/".join(party.replace("postgres", "pg") for party in parties)
+        runs_p95 = ", ".join(f"{r[p + 'p95']:.1f}" for r in runs)
+        lines.append(f"{name + ', p50/p95/p99 ms':48} {latency:>16}")
+        lines.append(f"{'  p95 of each run, ms':48} {runs_p95:>16}")
         lines.append(f"{'  OK / RESOURCE_EXHAUSTED+RetryInfo':48} {answered:>16}")
         lines.append(f"{'  CANCELLED / any other code':48} {lost:>16}")
+        lines.append(f"{'  CPU ms per offered call, ' + short:48} {cpu:>22}")
     rows = [("batch", "SubmitIntents x1,000, 4 in flight (intents/s)")]
     if args.stream_count:
         rows.append(("stream", "SubmitIntentStream (intents/s)"))
@@ -298,6 +356,9 @@ if __name__ == "__main__":
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--rates", type=int, nargs="+", default=[500, 2000])
     parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument(
+        "--alone-rate", type=int, default=500, help="unary load with ingest alone; 0: no such row"
+    )
     parser.add_argument("--batch-count", type=int, default=50_000)
     parser.add_argument("--stream-count", type=int, default=1_000_000, help="0: no stream row")
     parser.add_argument("--seed-count", type=int, default=20_000)
