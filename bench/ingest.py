@@ -8,7 +8,7 @@ Rows, each run against a fresh database and real ``sluice serve`` processes:
   counted: OK,
   RESOURCE_EXHAUSTED with a RetryInfo hint (shed at once), and anything else by code
   (CANCELLED is what gRPC core answers for calls it gave up holding). Beside each, the CPU
-  each party spent per call (ingest; router and sender with the render workers; this
+  each party spent per offered call (ingest; router and sender with the render workers; this
   process, the load generator; ingest's database's PostgreSQL backends), from /proc: on a
   small machine they share the cores, and the tail follows their sum;
 - the same unary load with the router and sender stopped (``--alone-rate``, 500/s): what
